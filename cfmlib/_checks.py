@@ -1,0 +1,117 @@
+"""Argument checks shared by every public function of ``cfmlib``.
+
+Each helper raises a ``TypeError`` or ``ValueError`` whose message names the
+argument, what was expected and what was received, *before* any computation,
+so that a wrong call never ends in a shape error from deep inside torch or,
+worse, in a silently broadcast result.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+def describe(x) -> str:
+    """A short description of ``x`` for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}"
+    return f"{type(x).__name__} {x!r}"[:120]
+
+
+def tensor(name: str, x, *, ndim: int | Iterable[int] | None = None, finite: bool = True,
+           floating: bool = True) -> torch.Tensor:
+    """Check that ``x`` is a (floating, finite) tensor with the given number of dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(x)}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions (batch first), got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
+    if finite and x.numel() and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; clean the data before passing it")
+    return x
+
+
+def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"tensors must be on the same device, got {listing}; move them with .to(device)")
+
+
+def time(name: str, t, batch: int | None = None, *, like: torch.Tensor | None = None,
+         lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Normalise a time argument to a tensor of shape ``(batch,)`` and check its range.
+
+    Accepts a Python number, a 0-d tensor, a ``(batch,)`` or a ``(batch, 1)`` tensor.
+    """
+    if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a number or a tensor of shape (batch,) or (batch, 1), got {describe(t)}")
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    device = like.device if like is not None else None
+    if not isinstance(t, torch.Tensor):
+        if not math.isfinite(t):
+            raise ValueError(f"{name} must be finite, got {t}")
+        t = torch.tensor(float(t), dtype=dtype, device=device)
+    elif like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the data is on {like.device}; move it with .to(device)")
+    if not t.is_floating_point():
+        t = t.to(dtype)
+    if t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.ndim > 1:
+        raise ValueError(f"{name} must be a scalar, (batch,) or (batch, 1), got shape {tuple(t.shape)}")
+    if batch is not None:
+        if t.ndim == 0:
+            t = t.expand(batch)
+        elif t.shape[0] != batch:
+            raise ValueError(f"{name} has {t.shape[0]} entries but the batch has {batch}; "
+                             f"pass one time per sample or a scalar")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if t.numel() and (bool((t < lo).any()) or bool((t > hi).any())):
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got values in "
+                         f"[{float(t.min()):.4g}, {float(t.max()):.4g}]")
+    return t
+
+
+def positive_int(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be a positive int, got {describe(n)}")
+    if n <= 0:
+        raise ValueError(f"{name} must be a positive int, got {n}")
+    return n
+
+
+def number(name: str, x, *, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {describe(x)}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    bad_lo = lo is not None and (x <= lo if lo_open else x < lo)
+    bad_hi = hi is not None and (x >= hi if hi_open else x > hi)
+    if bad_lo or bad_hi:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ValueError(f"{name} must lie in {rng}, got {x}")
+    return x
+
+
+def choice(name: str, value, options: Iterable[str]) -> str:
+    options = list(options)
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"unknown {name} {value!r}; valid choices are: {', '.join(options)}")
+    return value

@@ -1,0 +1,183 @@
+r"""Closed-form ground truth for data with a known distribution (chapters 4, 5, 7 and 10).
+
+For data :math:`q = \sum_k w_k \mathcal N(m_k, \mathrm{diag}(\tau_k^2))` -- a
+Gaussian mixture, or with :math:`\tau_k = 0` a finite data set (an empirical
+distribution) -- and any affine Gaussian path
+:math:`x_t = \alpha_t x_1 + \sigma_t x_0` from :mod:`cfmlib.paths`, everything
+about the marginal path is available in closed form:
+
+.. math::
+    p_t(x) = \sum_k w_k\, \mathcal N\big(x;\ \alpha_t m_k,\ \mathrm{diag}(\alpha_t^2\tau_k^2 + \sigma_t^2)\big),
+
+    u_t(x) = \mathbb E[\dot\alpha_t x_1 + \dot\sigma_t x_0 \mid x_t = x]
+           = \sum_k \gamma_k(x)\big(\dot\alpha_t \hat x_{1,k} + \dot\sigma_t \hat x_{0,k}\big),
+
+with posterior weights :math:`\gamma_k(x) \propto w_k \mathcal N_k(x)` and the
+per-component posterior means :math:`\hat x_{1,k} = m_k + \alpha_t\tau_k^2 (x - \alpha_t m_k)/v_k`,
+:math:`\hat x_{0,k} = \sigma_t (x - \alpha_t m_k)/v_k`, :math:`v_k = \alpha_t^2\tau_k^2 + \sigma_t^2`.
+None of these formulas divides by :math:`\sigma_t` alone, and all sums over
+components are done with log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from .paths import AffinePath, get_path
+
+__all__ = ["GaussianMixture", "EmpiricalDistribution", "Marginal"]
+
+
+class GaussianMixture:
+    r"""A mixture :math:`\sum_k w_k \mathcal N(m_k, \mathrm{diag}(\tau_k^2))` with closed-form density.
+
+    Args:
+        means: ``(K, D)`` component means :math:`m_k`.
+        stds: standard deviations :math:`\tau_k`: a number, ``(K,)`` or ``(K, D)``; ``0`` gives point masses.
+        weights: ``(K,)`` non-negative weights (normalised here); default uniform.
+    """
+
+    def __init__(self, means: torch.Tensor, stds=1.0, weights: torch.Tensor | None = None):
+        _checks.tensor("means", means, ndim=2)
+        K, D = means.shape
+        if isinstance(stds, (int, float)) and not isinstance(stds, bool):
+            stds = torch.full((K, D), float(stds), dtype=means.dtype, device=means.device)
+        _checks.tensor("stds", stds, ndim=(1, 2))
+        if stds.ndim == 1:
+            if stds.shape[0] != K:
+                raise ValueError(f"stds of shape (K,) must have K={K} entries, got {stds.shape[0]}")
+            stds = stds[:, None].expand(K, D)
+        if stds.shape != (K, D):
+            raise ValueError(f"stds must be a number, (K,)=({K},) or (K, D)=({K}, {D}), got {tuple(stds.shape)}")
+        if bool((stds < 0).any()):
+            raise ValueError("stds must be non-negative")
+        if weights is None:
+            weights = torch.full((K,), 1.0 / K, dtype=means.dtype, device=means.device)
+        _checks.tensor("weights", weights, ndim=1)
+        if weights.shape[0] != K:
+            raise ValueError(f"weights must have K={K} entries, got {weights.shape[0]}")
+        if bool((weights < 0).any()) or float(weights.sum()) <= 0:
+            raise ValueError("weights must be non-negative with a positive sum")
+        _checks.same_device(means=means, stds=stds, weights=weights)
+        self.means, self.stds = means, stds.contiguous()
+        self.weights = weights / weights.sum()
+        self.dim = D
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    def to(self, device=None, dtype=None) -> "GaussianMixture":
+        """A copy on another device and/or dtype."""
+        conv = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
+        return type(self)._from(conv(self.means), conv(self.stds), conv(self.weights))
+
+    @classmethod
+    def _from(cls, means, stds, weights):
+        obj = cls.__new__(cls)
+        obj.means, obj.stds, obj.weights, obj.dim = means, stds, weights, means.shape[1]
+        return obj
+
+    def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
+        """Draw ``n`` samples, shape ``(n, D)`` (and the component index of each, if asked)."""
+        _checks.positive_int("n", n)
+        dev = generator.device if generator is not None else self.means.device
+        w = self.weights.to(dev)
+        k = torch.multinomial(w, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, device=dev, dtype=self.means.dtype)
+        x = self.means.to(dev)[k] + self.stds.to(dev)[k] * z
+        return (x, k) if return_labels else x
+
+    __call__ = sample
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log q(x)`, shape ``(batch,)`` (needs every :math:`\tau_k > 0`)."""
+        return Marginal(self, _IdentityPath()).log_prob(x, 1.0)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla \log q(x)`, shape ``(batch, D)``."""
+        return Marginal(self, _IdentityPath()).score(x, 1.0)
+
+
+class EmpiricalDistribution(GaussianMixture):
+    """The uniform distribution on a finite set of points ``(N, D)``: a mixture with zero widths."""
+
+    def __init__(self, points: torch.Tensor):
+        super().__init__(points, 0.0)
+
+
+class _IdentityPath(AffinePath):
+    """x_t = x_1 for every t (used to evaluate the data distribution itself)."""
+
+    def alpha(self, t):
+        return torch.ones_like(t)
+
+    def sigma(self, t):
+        return torch.zeros_like(t)
+
+    def d_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def d_sigma(self, t):
+        return torch.zeros_like(t)
+
+
+class Marginal:
+    r"""The marginal probability path :math:`p_t` and field :math:`u_t` that a path induces from a
+    :class:`GaussianMixture` (or :class:`EmpiricalDistribution`).
+
+    ``Marginal(q, path)(x, t)`` is :math:`u_t(x)`, so the object can be handed to
+    :func:`cfmlib.solvers.odeint` as the field.  ``x``: ``(batch, D)``; ``t``: number or ``(batch,)``.
+    """
+
+    def __init__(self, q: GaussianMixture, path="ot"):
+        if not isinstance(q, GaussianMixture):
+            raise TypeError(f"q must be a GaussianMixture or EmpiricalDistribution, got {_checks.describe(q)}")
+        self.q, self.path = q, get_path(path)
+
+    def _parts(self, x, t, need_posterior=True):
+        _checks.tensor("x", x, ndim=2)
+        if x.shape[1] != self.q.dim:
+            raise ValueError(f"x must have shape (batch, {self.q.dim}), got {tuple(x.shape)}")
+        _checks.same_device(x=x, means=self.q.means)
+        t = _checks.time("t", t, x.shape[0], like=x)
+        a, s = self.path.alpha(t)[:, None, None], self.path.sigma(t)[:, None, None]  # (B,1,1)
+        m, tau = self.q.means[None].to(x.dtype), self.q.stds[None].to(x.dtype)  # (1,K,D)
+        var = a**2 * tau**2 + s**2  # (B,K,D)
+        if bool((var <= 0).any()):
+            raise ValueError("the marginal is degenerate here (alpha_t^2 tau^2 + sigma_t^2 = 0): a finite data set "
+                             "at a time where sigma_t = 0; use sigma_min > 0 or t < t_max")
+        diff = x[:, None, :] - a * m  # (B,K,D)
+        logn = -0.5 * ((diff**2 / var) + torch.log(2 * math.pi * var)).sum(-1)  # (B,K)
+        logits = torch.log(self.q.weights.to(x.dtype))[None] + logn
+        return t, a, s, tau, var, diff, logits
+
+    def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
+        r""":math:`\log p_t(x)`, shape ``(batch,)``."""
+        *_, logits = self._parts(x, t)
+        return torch.logsumexp(logits, dim=1)
+
+    def posterior(self, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Posterior component weights :math:`\gamma_k(x)`, shape ``(batch, K)``."""
+        *_, logits = self._parts(x, t)
+        return torch.softmax(logits, dim=1)
+
+    def score(self, x: torch.Tensor, t) -> torch.Tensor:
+        r""":math:`\nabla_x \log p_t(x) = -\sum_k \gamma_k(x) (x - \alpha_t m_k)/v_k`, shape ``(batch, D)``."""
+        _, a, s, tau, var, diff, logits = self._parts(x, t)
+        g = torch.softmax(logits, dim=1)[..., None]
+        return -(g * diff / var).sum(1)
+
+    def field(self, x: torch.Tensor, t) -> torch.Tensor:
+        r"""The marginal field :math:`u_t(x)` of Theorem 1, shape ``(batch, D)``."""
+        tb, a, s, tau, var, diff, logits = self._parts(x, t)
+        da, ds = self.path.d_alpha(tb)[:, None, None], self.path.d_sigma(tb)[:, None, None]
+        g = torch.softmax(logits, dim=1)[..., None]
+        x1_hat = self.q.means[None].to(x.dtype) + a * tau**2 * diff / var
+        x0_hat = s * diff / var
+        return (g * (da * x1_hat + ds * x0_hat)).sum(1)
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        return self.field(x, t)

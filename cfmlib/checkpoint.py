@@ -1,0 +1,79 @@
+"""Checkpoints that survive interruption and load safely (chapter 7).
+
+A checkpoint is a plain dictionary of tensors, numbers, strings, lists and
+dicts, so it loads with ``torch.load(..., weights_only=True)`` (no arbitrary
+pickles).  It is written atomically: first to a temporary file in the same
+folder, flushed to disk, then renamed over the old one, so a run killed in the
+middle of a save leaves the previous checkpoint intact.  It carries the model
+configuration, so loading into a different model is reported clearly.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import _checks
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_config"]
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file + ``os.replace``)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {_checks.describe(state)}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {_checks.describe(path)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; tensors land on ``map_location`` (default CPU)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {_checks.describe(path)}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling errors are long and cryptic; say what it means
+        raise ValueError(f"{path} is not a readable cfmlib checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from exc
+
+
+def check_config(expected: dict, found: dict, what: str = "model") -> None:
+    """Raise a ``ValueError`` listing every key where two configurations differ."""
+    if expected == found:
+        return
+    keys = sorted(set(expected) | set(found))
+    diffs = [f"{k}: checkpoint has {found.get(k)!r}, {what} has {expected.get(k)!r}"
+             for k in keys if expected.get(k) != found.get(k)]
+    raise ValueError(f"checkpoint was written for a different {what} configuration ("
+                     + "; ".join(diffs) + "); build the model with the checkpoint's config "
+                     "(cfmlib.checkpoint.load_model) or start from a fresh checkpoint path")
+
+
+def load_model(path, *, ema: bool = True, map_location="cpu"):
+    """Rebuild the model stored in a training checkpoint (its EMA weights by default)."""
+    from .models import build_model
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} has no model configuration; was it written by cfmlib.training.train?")
+    model = build_model(dict(ckpt["config"]))
+    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    return model.to(map_location)

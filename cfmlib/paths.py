@@ -1,0 +1,305 @@
+r"""Affine Gaussian conditional probability paths (chapters 5, 6 and 10).
+
+A path is fixed by two scalar schedules of time, :math:`\alpha_t` and
+:math:`\sigma_t`.  Given a data point ``x1`` and a noise sample ``x0 ~ N(0, I)``,
+
+.. math::  x_t = \psi_t(x_0 \mid x_1) = \alpha_t x_1 + \sigma_t x_0,
+           \qquad p_t(x \mid x_1) = \mathcal N(x;\ \alpha_t x_1,\ \sigma_t^2 I),
+
+so that :math:`\mu_t(x_1) = \alpha_t x_1`.  Time runs from noise (``t = 0``)
+to data (``t = 1``), as in Lipman et al. (2023).  Everything else -- samples
+``xt``, the conditional target field ``ut``, conditional scores and the
+conversions between velocity, score and noise prediction -- is derived from
+the schedule in this one base class.  Adding a path means writing
+``alpha`` and ``sigma`` (and, for speed, their derivatives).
+
+Shapes: ``x0``, ``x1``, ``x`` are ``(batch, ...)``; ``t`` is a number or a
+``(batch,)`` / ``(batch, 1)`` tensor with values in ``[0, 1]``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+
+__all__ = ["AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path"]
+
+
+def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``(batch,)`` schedule value to broadcast against ``x``."""
+    return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class AffinePath:
+    r"""Base class: a Gaussian path :math:`x_t = \alpha_t x_1 + \sigma_t x_0`.
+
+    Subclasses implement :meth:`alpha` and :meth:`sigma` (elementwise functions
+    of a ``(batch,)`` tensor ``t``).  :meth:`d_alpha` and :meth:`d_sigma`
+    default to automatic differentiation and may be overridden with closed
+    forms.  ``t_max`` is the largest time at which the conditional field is
+    finite and well conditioned (below 1 only for paths whose
+    :math:`\dot\sigma_t` diverges at ``t = 1``).
+    """
+
+    name = "affine"
+    t_max = 1.0
+
+    # --- the schedule --------------------------------------------------------
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _derivative(self, fn, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            tt = t.detach().clone().requires_grad_(True)
+            (d,) = torch.autograd.grad(fn(tt).sum(), tt)
+        return d
+
+    def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        r""":math:`\dot\alpha_t` (autograd unless overridden)."""
+        return self._derivative(self.alpha, t)
+
+    def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        r""":math:`\dot\sigma_t` (autograd unless overridden)."""
+        return self._derivative(self.sigma, t)
+
+    def schedule(self, t, like: torch.Tensor | None = None, batch: int | None = None):
+        r"""Return :math:`(\alpha_t, \sigma_t, \dot\alpha_t, \dot\sigma_t)`, each of shape ``(batch,)``."""
+        t = _checks.time("t", t, batch, like=like)
+        return self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
+
+    @property
+    def source_scale(self) -> float:
+        r""":math:`\sigma_0`: the standard deviation of the source :math:`p_0 \approx N(0, \sigma_0^2 I)`."""
+        return float(self.sigma(torch.zeros(1, dtype=torch.float64)))
+
+    def sample_source(self, shape, *, generator: torch.Generator | None = None, device=None,
+                      dtype=None) -> torch.Tensor:
+        """Draw from the source distribution ``N(0, source_scale**2 I)`` with the given shape."""
+        return self.source_scale * torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    # --- checks ----------------------------------------------------------------
+    def _pair(self, x0, x1, t):
+        _checks.tensor("x0", x0)
+        _checks.tensor("x1", x1)
+        if x0.ndim < 2:
+            raise ValueError(f"x0 must be batched with shape (batch, ...), got shape {tuple(x0.shape)}")
+        _checks.same_shape("x0", x0, "x1", x1)
+        _checks.same_device(x0=x0, x1=x1)
+        return _checks.time("t", t, x1.shape[0], like=x1)
+
+    def _point(self, x, x1, t, name="x"):
+        _checks.tensor(name, x)
+        _checks.tensor("x1", x1)
+        if x.ndim < 2:
+            raise ValueError(f"{name} must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
+        _checks.same_shape(name, x, "x1", x1)
+        _checks.same_device(**{name: x, "x1": x1})
+        return _checks.time("t", t, x.shape[0], like=x)
+
+    # --- conditional flow --------------------------------------------------------
+    def sample_xt(self, x0: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
+        r""":math:`x_t = \alpha_t x_1 + \sigma_t x_0`, shape of ``x1``."""
+        t = self._pair(x0, x1, t)
+        return _bc(self.alpha(t), x1) * x1 + _bc(self.sigma(t), x0) * x0
+
+    def target(self, x0: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
+        r"""Conditional target :math:`u_t(x_t \mid x_1) = \dot\alpha_t x_1 + \dot\sigma_t x_0`.
+
+        This is :math:`\frac{d}{dt}\psi_t(x_0 \mid x_1)`; written in ``x0`` and ``x1`` it
+        never divides by :math:`\sigma_t` (for the OT path it is ``x1 - (1 - sigma_min) x0``).
+        """
+        t = self._pair(x0, x1, t)
+        return _bc(self.d_alpha(t), x1) * x1 + _bc(self.d_sigma(t), x0) * x0
+
+    def sample(self, x0: torch.Tensor, x1: torch.Tensor, t):
+        """Return ``(xt, ut)``: the point on the conditional path and its target velocity."""
+        t = self._pair(x0, x1, t)
+        a, s, da, ds = self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
+        a, s, da, ds = (_bc(v, x1) for v in (a, s, da, ds))
+        return a * x1 + s * x0, da * x1 + ds * x0
+
+    def conditional_field(self, x: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
+        r"""Theorem 3's field at an arbitrary point ``x``:
+        :math:`u_t(x \mid x_1) = \frac{\dot\sigma_t}{\sigma_t}(x - \alpha_t x_1) + \dot\alpha_t x_1`.
+
+        Needs :math:`\sigma_t > 0`.
+        """
+        t = self._point(x, x1, t)
+        a, s, da, ds = (_bc(v, x) for v in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)))
+        return ds / s * (x - a * x1) + da * x1
+
+    def conditional_score(self, x: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
+        r""":math:`\nabla_x \log p_t(x \mid x_1) = -(x - \alpha_t x_1) / \sigma_t^2`."""
+        t = self._point(x, x1, t)
+        a, s = _bc(self.alpha(t), x), _bc(self.sigma(t), x)
+        return -(x - a * x1) / s**2
+
+    def conditional_log_prob(self, x: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
+        r""":math:`\log \mathcal N(x; \alpha_t x_1, \sigma_t^2 I)`, shape ``(batch,)``."""
+        t = self._point(x, x1, t)
+        a, s = self.alpha(t), self.sigma(t)
+        d = x[0].numel()
+        r2 = ((x - _bc(a, x) * x1) ** 2).flatten(1).sum(1)
+        return -0.5 * r2 / s**2 - d * torch.log(s) - 0.5 * d * math.log(2 * math.pi)
+
+    # --- conversions between parameterisations (chapter 10) ------------------
+    # x = a x1 + s x0 and v = da x1 + ds x0 form a 2x2 linear system in (x1, x0)
+    # whose determinant is a ds - s da.
+    def _xv(self, v, x, t, vname):
+        _checks.tensor(vname, v)
+        _checks.tensor("x", x)
+        _checks.same_shape(vname, v, "x", x)
+        _checks.same_device(**{vname: v, "x": x})
+        t = _checks.time("t", t, x.shape[0], like=x)
+        return [_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))]
+
+    def velocity_to_noise(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Noise prediction :math:`\hat x_0 = (\alpha_t v - \dot\alpha_t x) / (\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)`."""
+        a, s, da, ds = self._xv(v, x, t, "v")
+        return (a * v - da * x) / (a * ds - s * da)
+
+    def velocity_to_x1(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Data prediction :math:`\hat x_1 = (\dot\sigma_t x - \sigma_t v) / (\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)`."""
+        a, s, da, ds = self._xv(v, x, t, "v")
+        return (ds * x - s * v) / (a * ds - s * da)
+
+    def velocity_to_score(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Score :math:`\nabla \log p_t(x) = -\hat x_0 / \sigma_t` from a velocity (needs :math:`\sigma_t > 0`)."""
+        a, s, da, ds = self._xv(v, x, t, "v")
+        return -(a * v - da * x) / ((a * ds - s * da) * s)
+
+    def noise_to_velocity(self, eps: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Velocity from a noise prediction: :math:`v = \frac{\dot\alpha_t}{\alpha_t} x + (\dot\sigma_t - \frac{\dot\alpha_t\sigma_t}{\alpha_t})\hat x_0` (needs :math:`\alpha_t > 0`)."""
+        a, s, da, ds = self._xv(eps, x, t, "eps")
+        return da / a * x + (ds - da * s / a) * eps
+
+    def score_to_velocity(self, score: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Velocity from a score, through :math:`\hat x_0 = -\sigma_t \nabla\log p_t(x)` (needs :math:`\alpha_t > 0`)."""
+        a, s, da, ds = self._xv(score, x, t, "score")
+        eps = -s * score
+        return da / a * x + (ds - da * s / a) * eps
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class CondOTPath(AffinePath):
+    r"""The conditional optimal-transport path of Lipman et al. (2023):
+    :math:`\alpha_t = t`, :math:`\sigma_t = 1 - (1 - \sigma_{\min}) t`;
+    target :math:`u_t = x_1 - (1 - \sigma_{\min}) x_0`."""
+
+    name = "ot"
+
+    def __init__(self, sigma_min: float = 0.0):
+        self.sigma_min = _checks.number("sigma_min", sigma_min, lo=0.0, hi=1.0, hi_open=True)
+
+    def alpha(self, t):
+        return t
+
+    def sigma(self, t):
+        return 1.0 - (1.0 - self.sigma_min) * t
+
+    def d_alpha(self, t):
+        return torch.ones_like(t)
+
+    def d_sigma(self, t):
+        return torch.full_like(t, -(1.0 - self.sigma_min))
+
+
+class VEPath(AffinePath):
+    r"""Variance-exploding path (Song et al., 2021, in the time direction of Lipman et al.):
+    :math:`\alpha_t = 1`, :math:`\sigma_t = \sigma_{\min} (\sigma_{\max}/\sigma_{\min})^{1-t}`.
+
+    The source is approximately :math:`N(0, \sigma_{\max}^2 I)` (see :attr:`source_scale`).
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 10.0):
+        self.sigma_min = _checks.number("sigma_min", sigma_min, lo=0.0, lo_open=True)
+        self.sigma_max = _checks.number("sigma_max", sigma_max, lo=self.sigma_min, lo_open=True)
+
+    def alpha(self, t):
+        return torch.ones_like(t)
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** (1.0 - t)
+
+    def d_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def d_sigma(self, t):
+        return -math.log(self.sigma_max / self.sigma_min) * self.sigma(t)
+
+
+class VPPath(AffinePath):
+    r"""Variance-preserving path (DDPM / Song et al., 2021) with the linear schedule
+    :math:`\beta(s) = \beta_{\min} + s(\beta_{\max} - \beta_{\min})`:
+    :math:`\alpha_t = e^{-T(1-t)/2}`, :math:`T(s) = \int_0^s \beta`, :math:`\sigma_t = \sqrt{1 - \alpha_t^2}`.
+
+    :math:`\dot\sigma_t` diverges at ``t = 1``, so ``t_max = 1 - 1e-3``.
+    """
+
+    name = "vp"
+    t_max = 1.0 - 1e-3
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        self.beta_min = _checks.number("beta_min", beta_min, lo=0.0, lo_open=True)
+        self.beta_max = _checks.number("beta_max", beta_max, lo=self.beta_min)
+
+    def _T(self, s):
+        return self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
+
+    def _beta(self, s):
+        return self.beta_min + (self.beta_max - self.beta_min) * s
+
+    def alpha(self, t):
+        return torch.exp(-0.5 * self._T(1.0 - t))
+
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(-self._T(1.0 - t)))
+
+    def d_alpha(self, t):
+        return 0.5 * self._beta(1.0 - t) * self.alpha(t)
+
+    def d_sigma(self, t):
+        a = self.alpha(t)
+        return -a * self.d_alpha(t) / self.sigma(t)
+
+
+class CosinePath(AffinePath):
+    r"""Cosine (trigonometric) path: :math:`\alpha_t = \sin(\pi t/2)`, :math:`\sigma_t = \cos(\pi t/2)`."""
+
+    name = "cosine"
+
+    def alpha(self, t):
+        return torch.sin(0.5 * math.pi * t)
+
+    def sigma(self, t):
+        return torch.cos(0.5 * math.pi * t)
+
+    def d_alpha(self, t):
+        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+
+    def d_sigma(self, t):
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+
+PATHS = {"ot": CondOTPath, "ve": VEPath, "vp": VPPath, "cosine": CosinePath}
+
+
+def get_path(path="ot", **kwargs) -> AffinePath:
+    """Return a path object from a name in :data:`PATHS` (``'ot'``, ``'ve'``, ``'vp'``, ``'cosine'``)
+    or pass an :class:`AffinePath` through unchanged."""
+    if isinstance(path, AffinePath):
+        if kwargs:
+            raise ValueError("path is already an AffinePath object; pass its parameters to its constructor instead")
+        return path
+    _checks.choice("path", path, PATHS)
+    return PATHS[path](**kwargs)
