@@ -18,7 +18,8 @@ from scipy.optimize import linear_sum_assignment
 
 from . import _checks
 
-__all__ = ["COUPLINGS", "independent", "ot_permutation", "ot_pair", "pair", "sq_cost"]
+__all__ = ["COUPLINGS", "independent", "ot_permutation", "ot_pair", "pair", "sq_cost", "is_permutation",
+           "reflow_pairs"]
 
 COUPLINGS = ("independent", "ot")
 
@@ -96,3 +97,44 @@ def pair(coupling: str, x0: torch.Tensor, x1: torch.Tensor):
 def is_permutation(perm: torch.Tensor, n: int) -> bool:
     """True when ``perm`` contains each of ``0..n-1`` exactly once."""
     return perm.shape == (n,) and bool(np.array_equal(np.sort(perm.cpu().numpy()), np.arange(n)))
+
+
+@torch.no_grad()
+def reflow_pairs(model, n: int, *, path="ot", method: str = "rk4", steps: int = 50,
+                 generator: torch.Generator | None = None, device=None, batch_size: int = 4096, **kwargs):
+    r"""Pairs for one round of reflow (rectified flow, Liu et al. 2023; chapter 8).
+
+    Draw ``n`` noise samples :math:`x_0 \sim p_0` of ``path`` and push each through the
+    flow of the trained field: :math:`x_1 = \phi_1(x_0)`, the ODE solution of
+    :math:`\dot x_t = v_\theta(x_t, t)` from ``t = 0`` to ``path.t_max``.  The result is a
+    deterministic coupling :math:`(x_0, \phi_1(x_0))`; training on it with
+    ``cfmlib.train(model, pairs=(x0, x1))`` gives the reflowed (straighter) field.
+
+    Args:
+        model: the trained field, called as ``model(x, t, **kwargs)``; its ``config`` gives the
+            data shape.
+        n: number of pairs.
+        path, method, steps: the source distribution and the ODE solver
+            (see :func:`cfmlib.solvers.sample`).
+        generator: draws the noise (seeded pairs); ``device``: where to compute (default:
+            the model's device).
+        batch_size: solve in chunks of this many samples to bound memory.
+
+    Returns:
+        ``(x0, x1)``, two tensors of shape ``(n, ...)`` on the model's (or the given) device.
+    """
+    from .paths import get_path
+    from .solvers import _data_shape, sample
+
+    _checks.positive_int("n", n)
+    _checks.positive_int("batch_size", batch_size)
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {_checks.describe(model)}")
+    path = get_path(path)
+    shape = _data_shape(model)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    gen_dev = generator.device if generator is not None else dev
+    x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev).to(dev)
+    x1 = torch.cat([sample(model, x0=chunk, path=path, method=method, steps=steps, **kwargs).x
+                    for chunk in x0.split(batch_size)])
+    return x0, x1

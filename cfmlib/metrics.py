@@ -78,8 +78,13 @@ def straightness(trajectory: torch.Tensor, times: torch.Tensor | None = None) ->
 
     .. math:: S = \mathbb E\int_0^1 \lVert \dot x_t - (x_1 - x_0) \rVert^2 dt ,
 
-    estimated from a trajectory ``(steps + 1, batch, ...)`` on equally spaced ``times`` by finite
-    differences. ``S = 0`` exactly for straight paths travelled at constant speed.
+    estimated from a trajectory ``(steps + 1, batch, ...)`` at monotone ``times`` (default: equally
+    spaced on ``[0, 1]``; a non-uniform grid is allowed) by finite differences, each interval
+    weighted by its length and the integral divided by the time span.  ``S = 0`` exactly for
+    straight paths travelled at constant speed; on ``[0, 1]``,
+    :math:`S = \mathbb E\int_0^1 \lVert\dot x_t\rVert^2 dt - \mathbb E\lVert x_1 - x_0\rVert^2`.
+    The finite-difference value never exceeds the continuous one (Jensen), and converges to it
+    as the grid is refined.  Derived and used in chapter 8.
     """
     _checks.tensor("trajectory", trajectory)
     if trajectory.ndim < 3 or trajectory.shape[0] < 2:
@@ -87,14 +92,18 @@ def straightness(trajectory: torch.Tensor, times: torch.Tensor | None = None) ->
                          f"got {tuple(trajectory.shape)}")
     steps = trajectory.shape[0] - 1
     if times is None:
-        span = 1.0
+        h = torch.full((steps,), 1.0 / steps, dtype=trajectory.dtype, device=trajectory.device)
     else:
         _checks.tensor("times", times, ndim=1)
         if times.shape[0] != steps + 1:
             raise ValueError(f"times must have {steps + 1} entries to match the trajectory, got {times.shape[0]}")
-        span = float(times[-1] - times[0])
-    h = span / steps
-    vel = (trajectory[1:] - trajectory[:-1]) / h  # (steps, batch, ...)
+        h = (times[1:] - times[:-1]).to(device=trajectory.device, dtype=trajectory.dtype)
+        if not (bool((h > 0).all()) or bool((h < 0).all())):
+            raise ValueError("times must be strictly increasing (or strictly decreasing for a backward solve)")
+    span = float(h.sum())
+    shape = (steps,) + (1,) * (trajectory.ndim - 1)
+    vel = (trajectory[1:] - trajectory[:-1]) / h.view(shape)  # (steps, batch, ...)
     chord = (trajectory[-1] - trajectory[0]) / span
     dev = (vel - chord[None]).flatten(2).pow(2).sum(-1)  # (steps, batch)
+    dev = (dev * h[:, None]).sum(0) / span  # time average per trajectory, (batch,)
     return float(dev.mean())
