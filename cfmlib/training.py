@@ -41,7 +41,9 @@ def _loss(model, path: AffinePath, x0, x1, t, y=None):
     xt = a.view(shape) * x1 + s.view(shape) * x0
     ut = da.view(shape) * x1 + ds.view(shape) * x0
     v = model(xt, t) if y is None else model(xt, t, y)
-    return (v.float() - ut.float()).pow(2).flatten(1).sum(1).mean()
+    # the loss in float32 at least (autocast may give a half-precision v), float64 when the model is
+    dt = torch.promote_types(torch.promote_types(v.dtype, ut.dtype), torch.float32)
+    return (v.to(dt) - ut.to(dt)).pow(2).flatten(1).sum(1).mean()
 
 
 def cfm_loss(model, x0: torch.Tensor, x1: torch.Tensor, t, path="ot", y: torch.Tensor | None = None):
