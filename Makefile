@@ -1,0 +1,84 @@
+# Build and test the book.
+#
+#   make book    execute every notebook and build the HTML into _build/html
+#   make test    unit tests, notebooks (nbval), book build, browser test
+#   make bench   benchmarks (bench/run.py)
+#   make clean   remove build outputs (keeps .venv and .cache)
+#
+# `make venv` (run by book and test) creates .venv from requirements.txt and
+# fetches MathJax into _static/mathjax, so that pages render math offline.
+
+PYTHON    ?= python3.11
+VENV      := .venv
+BIN       := $(VENV)/bin
+JB        := $(BIN)/jupyter-book
+PYTEST    := $(BIN)/python -m pytest
+HTML      := _build/html
+NOTEBOOKS := $(wildcard chapters/*.ipynb)
+BUILD     := $(JB) build . --all -W -n --keep-going
+
+# MathJax 3, from the npm registry, served from _static/mathjax (gitignored).
+MATHJAX_VERSION := 3.2.2
+MATHJAX   := _static/mathjax/tex-chtml.js
+
+# A fresh "Colab-like" runtime for tests/test_fresh_runtime.py: only what a
+# Colab runtime gives that we rely on, plus a local wheelhouse holding what
+# installing cfmlib there adds (and setuptools, to build it), so that the test
+# itself never needs the network.
+COLAB_VENV     := .venv-colab
+COLAB_PACKAGES := torch numpy matplotlib scipy ipykernel
+WHEELHOUSE     := .cache/wheels
+
+.PHONY: venv colab-venv book test bench clean
+
+venv: $(VENV)/.stamp $(MATHJAX)
+
+$(VENV)/.stamp: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -e . --no-deps
+	touch $@
+
+$(MATHJAX):
+	mkdir -p .cache/mathjax _static/mathjax
+	cd .cache/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) && tar xzf mathjax-$(MATHJAX_VERSION).tgz
+	cd .cache/mathjax/package/es5 && cp -r --parents tex-chtml.js input/tex/extensions \
+	    output/chtml/fonts/woff-v2 a11y ui $(CURDIR)/_static/mathjax/
+
+colab-venv: $(COLAB_VENV)/.stamp
+
+$(COLAB_VENV)/.stamp: requirements.txt pyproject.toml Makefile
+	rm -rf $(COLAB_VENV) $(WHEELHOUSE)
+	$(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/pip install --quiet -c requirements.txt $(COLAB_PACKAGES)
+	$(COLAB_VENV)/bin/pip install --quiet --dry-run --report .cache/colab-install.json -c requirements.txt .
+	$(COLAB_VENV)/bin/python -c 'import json; report = json.load(open(".cache/colab-install.json")); \
+	    print("\n".join("%(name)s==%(version)s" % i["metadata"] for i in report["install"] if i["metadata"]["name"] != "cfmlib"))' \
+	    > .cache/colab-wheels.txt
+	$(COLAB_VENV)/bin/pip download --quiet --no-deps -d $(WHEELHOUSE) -c requirements.txt -r .cache/colab-wheels.txt setuptools
+	touch $@
+
+# Execute every notebook (forced) and build the HTML; a failing cell, a broken
+# reference or a missing citation fails the build.
+book: venv
+	$(BUILD)
+
+# Order matters, and each notebook is executed once:
+#   1. unit tests, tools checks, the fresh-runtime test, and nbval, which
+#      executes every chapter and compares its `# NBVAL_CHECK_OUTPUT` cells;
+#   2. the HTML is built from the notebooks' stored outputs (no execution),
+#      with the same -W -n checks as `make book`;
+#   3. the built pages of step 2 are opened in headless Chromium.
+test: venv colab-venv
+	$(PYTEST) tests $(NOTEBOOKS) --ignore=tests/test_book_html.py \
+	    --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg
+	BOOK_EXECUTE=off $(BUILD)
+	$(PYTEST) tests/test_book_html.py
+
+bench: venv
+	$(BIN)/pip install --quiet --no-deps -r bench/requirements.txt
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis
