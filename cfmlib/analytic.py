@@ -27,7 +27,7 @@ import torch
 from . import _checks
 from .paths import AffinePath, get_path
 
-__all__ = ["GaussianMixture", "EmpiricalDistribution", "Marginal"]
+__all__ = ["GaussianMixture", "EmpiricalDistribution", "Marginal", "continuity_residual"]
 
 
 class GaussianMixture:
@@ -181,3 +181,57 @@ class Marginal:
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         return self.field(x, t)
+
+
+def continuity_residual(log_prob_fn, field_fn, x: torch.Tensor, t, *, log_space: bool = False,
+                        return_terms: bool = False):
+    r"""The residual of the continuity equation (chapter 3) at points ``x`` and times ``t``, by autograd:
+
+    .. math::  r(x, t) = \partial_t p_t(x) + \nabla\cdot\big(p_t(x)\, u_t(x)\big)
+               = p_t(x)\big(\partial_t \log p_t(x) + \nabla\log p_t(x)\cdot u_t(x) + \nabla\cdot u_t(x)\big).
+
+    A field ``u`` generates the path ``p`` exactly when ``r = 0`` everywhere.
+
+    Args:
+        log_prob_fn: :math:`\log p_t(x)`, called as ``log_prob_fn(x, t)`` with ``x`` ``(batch, D)`` and
+            ``t`` ``(batch,)``, returning ``(batch,)`` (e.g. :meth:`Marginal.log_prob`).
+        field_fn: :math:`u_t(x)`, called as ``field_fn(x, t)``, returning ``(batch, D)``.
+        x: points ``(batch, D)``; use float64 for tight checks.
+        t: a number or ``(batch,)`` times.
+        log_space: return the residual divided by :math:`p_t(x)` (the bracket above), which is
+            well scaled in the tails where :math:`p_t` underflows.
+        return_terms: also return the two terms :math:`(\partial_t p,\ \nabla\cdot(p u))` (or their
+            log-space versions), e.g. to report a relative error ``|r|.max() / |dp_dt|.max()``.
+
+    Returns:
+        ``r`` of shape ``(batch,)``, or ``(r, dp_dt, div_flux)`` when ``return_terms``.
+    """
+    if not callable(log_prob_fn):
+        raise TypeError(f"log_prob_fn must be callable as log_prob_fn(x, t), got {_checks.describe(log_prob_fn)}")
+    if not callable(field_fn):
+        raise TypeError(f"field_fn must be callable as field_fn(x, t), got {_checks.describe(field_fn)}")
+    _checks.tensor("x", x, ndim=2)
+    t = _checks.time("t", t, x.shape[0], like=x)
+    from .likelihood import divergence
+
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        tg = t.detach().clone().requires_grad_(True)
+        logp = log_prob_fn(xg, tg)
+        if logp.shape != (x.shape[0],):
+            raise ValueError(f"log_prob_fn must return shape (batch,) = ({x.shape[0]},), got {tuple(logp.shape)}")
+        dlogp_dt, score = torch.autograd.grad(logp.sum(), (tg, xg), allow_unused=True)
+        dlogp_dt = torch.zeros_like(tg) if dlogp_dt is None else dlogp_dt  # a path constant in time
+        score = torch.zeros_like(xg) if score is None else score
+        u = field_fn(xg, tg)
+        if u.shape != x.shape:
+            raise ValueError(f"field_fn must return the shape of x {tuple(x.shape)}, got {tuple(u.shape)}")
+        # `+ 0 * x` keeps x in the graph, so that a field constant in x has divergence 0 instead of failing
+        div_u = divergence(lambda y, s: field_fn(y, s) + 0 * y, x.detach(), t.detach())
+    dt_term = dlogp_dt.detach()
+    flux_term = (score * u).sum(1).detach() + div_u.detach()
+    if not log_space:
+        p = logp.detach().exp()
+        dt_term, flux_term = p * dt_term, p * flux_term
+    r = dt_term + flux_term
+    return (r, dt_term, flux_term) if return_terms else r
