@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _checks
 
-__all__ = ["MLP", "time_as_batch", "build_model", "MODELS"]
+__all__ = ["MLP", "UNet", "CFGField", "guided", "time_as_batch", "build_model", "MODELS"]
 
 
 def time_as_batch(t, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,8 @@ class MLP(nn.Module):
             return self.head(self.body(h))
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        elif not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got {_checks.describe(y)}")
         h = self.body[1](self.body[0](h) + self.label(y))
         return self.head(self.body[2:](h))
 
@@ -99,3 +101,153 @@ def build_model(config: dict) -> nn.Module:
     kwargs = dict(config)
     kind = _checks.choice("model kind", kwargs.pop("kind"), MODELS)
     return MODELS[kind](**kwargs)
+
+
+# --- a small U-Net for images (chapter 9) ------------------------------------------------------
+
+def _groups(channels: int, groups: int) -> int:
+    """The largest divisor of ``channels`` that is at most ``groups`` (GroupNorm needs one)."""
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> 3x3 conv, plus a per-channel shift from the time/label embedding,
+    then GroupNorm -> SiLU -> 3x3 conv, added to a (1x1-projected) skip connection."""
+
+    def __init__(self, c_in: int, c_out: int, emb: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in, groups), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb, c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out, groups), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (stable early training)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x, e):
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.emb(e)[:, :, None, None]
+        h = self.conv2(self.act(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class UNet(nn.Module):
+    r"""A small U-Net :math:`v_\theta(x, t[, y])` for images ``(batch, C, H, W)`` (chapter 9).
+
+    One resolution level down and up (Ronneberger et al., 2015): ``conv_in`` to ``base``
+    channels, a residual block, a stride-2 convolution to ``2 * base`` channels at half the
+    resolution, two residual blocks there, nearest-neighbour upsampling with a convolution
+    back to ``base`` channels, concatenation with the skip connection, a residual block back
+    to ``base`` channels and a GroupNorm -> SiLU -> conv head.  Every residual block (GroupNorm + SiLU + 3x3 convolutions) receives the
+    embedding :math:`e = \mathrm{MLP}(\text{sinusoidal}(t)) + E[y]`, where ``E`` has
+    ``num_classes + 1`` rows and the last row, index ``num_classes``, is the *null* label
+    used for classifier-free guidance (:class:`CFGField`).  ``H`` and ``W`` must be even
+    (8x8 digits and 28x28 MNIST both work).
+
+    Args:
+        image_shape: ``(C, H, W)`` of one image.
+        base: channels at full resolution (``2 * base`` at half resolution).
+        time_features: number of sinusoidal features of ``t`` (even).
+        num_classes: number of class labels, or ``None`` for an unconditional model.
+        groups: GroupNorm groups (reduced to a divisor of the channel count when needed).
+    """
+
+    def __init__(self, image_shape=(1, 8, 8), base: int = 32, time_features: int = 64,
+                 num_classes: int | None = None, groups: int = 8):
+        super().__init__()
+        if not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3 or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_shape):
+            raise ValueError(f"image_shape must be (channels, height, width) of positive ints, got {image_shape!r}")
+        if image_shape[1] % 2 or image_shape[2] % 2:
+            raise ValueError(f"image height and width must be even for one down/up level, got {tuple(image_shape)}")
+        _checks.positive_int("base", base)
+        _checks.positive_int("groups", groups)
+        _checks.positive_int("time_features", time_features)
+        if time_features % 2:
+            raise ValueError(f"time_features must be a positive even int, got {time_features}")
+        if num_classes is not None:
+            _checks.positive_int("num_classes", num_classes)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.config = dict(kind="unet", image_shape=self.image_shape, base=base, time_features=time_features,
+                           num_classes=num_classes, groups=groups)
+        self.time_features, self.num_classes = time_features, num_classes
+        c, emb = self.image_shape[0], 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(time_features, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label = nn.Embedding(num_classes + 1, emb) if num_classes else None
+        self.conv_in = nn.Conv2d(c, base, 3, padding=1)
+        self.down1 = _ResBlock(base, base, emb, groups)
+        self.downsample = nn.Conv2d(base, 2 * base, 3, stride=2, padding=1)
+        self.mid1 = _ResBlock(2 * base, 2 * base, emb, groups)
+        self.mid2 = _ResBlock(2 * base, 2 * base, emb, groups)
+        self.upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                      nn.Conv2d(2 * base, base, 3, padding=1))
+        self.up1 = _ResBlock(2 * base, base, emb, groups)
+        self.head = nn.Sequential(nn.GroupNorm(_groups(base, groups), base), nn.SiLU(),
+                                  nn.Conv2d(base, c, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x must have shape (batch, {', '.join(map(str, self.image_shape))}), "
+                             f"got {tuple(x.shape)}")
+        t = time_as_batch(t, x)
+        e = self.time_mlp(sinusoidal_embedding(t, self.time_features))
+        if self.label is None:
+            if y is not None:
+                raise ValueError("y was given but the model was built without num_classes")
+        else:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            elif not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+                raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got {_checks.describe(y)}")
+            e = e + self.label(y)
+        h0 = self.down1(self.conv_in(x), e)
+        h = self.mid2(self.mid1(self.downsample(h0), e), e)
+        h = self.up1(torch.cat([self.upsample(h), h0], dim=1), e)
+        return self.head(h)
+
+
+MODELS["unet"] = UNet
+
+
+class CFGField(nn.Module):
+    r"""The classifier-free guided field of a class-conditional model (chapter 9):
+
+    .. math::  \tilde v(x, t, y) = (1 + w)\, v_\theta(x, t, y) - w\, v_\theta(x, t, \varnothing),
+
+    where :math:`\varnothing` is the null label ``model.num_classes``.  ``w = 0`` is the plain
+    conditional field; ``w > 0`` pushes samples towards what distinguishes class ``y``.  Both
+    terms come from one forward pass on the doubled batch.  Called as ``field(x, t, y)``, so it
+    can be passed to :func:`cfmlib.solvers.sample` with ``y=labels``; ``field.config`` is the
+    model's, so ``sample(field, n, y=...)`` knows the data shape.
+    """
+
+    def __init__(self, model: nn.Module, w: float):
+        super().__init__()
+        if not isinstance(model, nn.Module) or not getattr(model, "num_classes", None):
+            raise ValueError("CFGField needs a class-conditional model (built with num_classes), got "
+                             f"{_checks.describe(model)}")
+        self.w = _checks.number("w", w)
+        self.model = model
+        self.num_classes = model.num_classes
+        self.config = getattr(model, "config", None)
+
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            raise ValueError("CFGField needs class labels y (a (batch,) integer tensor)")
+        if self.w == 0:
+            return self.model(x, t, y)
+        t = time_as_batch(t, x)
+        null = torch.full_like(y, self.num_classes)
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = both.chunk(2)
+        return (1 + self.w) * cond - self.w * uncond
+
+
+def guided(model: nn.Module, w: float) -> CFGField:
+    r"""Shorthand for :class:`CFGField`: the field :math:`(1 + w) v(x, t, y) - w v(x, t, \varnothing)`."""
+    return CFGField(model, w)
