@@ -32,7 +32,9 @@ def tensor(name: str, x, *, ndim: int | Iterable[int] | None = None, finite: boo
             raise ValueError(f"{name} must have {want} dimensions (batch first), got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float()")
-    if finite and x.numel() and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # (a 'meta' tensor holds no values: nothing to check, and its device is checked by same_device)
+    if finite and x.numel() and x.is_floating_point() and x.device.type != "meta" \
+            and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values; clean the data before passing it")
     return x
 
@@ -77,6 +79,8 @@ def time(name: str, t, batch: int | None = None, *, like: torch.Tensor | None = 
         elif t.shape[0] != batch:
             raise ValueError(f"{name} has {t.shape[0]} entries but the batch has {batch}; "
                              f"pass one time per sample or a scalar")
+    if t.device.type == "meta":  # no values to check (devices are compared by the caller)
+        return t
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     if t.numel() and (bool((t < lo).any()) or bool((t > hi).any())):
@@ -115,3 +119,55 @@ def choice(name: str, value, options: Iterable[str]) -> str:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"unknown {name} {value!r}; valid choices are: {', '.join(options)}")
     return value
+
+
+def function(name: str, f, call: str = "(x, t)"):
+    """Check that ``f`` is callable (a field, a model, a log-density ...)."""
+    if not callable(f):
+        raise TypeError(f"{name} must be callable as {name}{call}, got {describe(f)}")
+    return f
+
+
+def generator(name: str, g):
+    """Check that ``g`` is ``None`` or a :class:`torch.Generator`."""
+    if g is not None and not isinstance(g, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {describe(g)}")
+    return g
+
+
+def module_device(name: str, module, **tensors: torch.Tensor) -> None:
+    """When ``module`` is an ``nn.Module`` with parameters, check that the tensors are on its device."""
+    if not isinstance(module, torch.nn.Module):
+        return
+    p = next(iter(module.parameters()), None)
+    if p is None:
+        return
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and v.device != p.device:
+            raise ValueError(f"{k} is on {v.device} but the {name}'s parameters are on {p.device}; "
+                             f"move one of them with .to(device)")
+
+
+def labels(name: str, y, batch: int, num_classes: int | None) -> torch.Tensor:
+    """Check class labels: an integer tensor ``(batch,)`` with values in ``[0, num_classes]``
+    (``num_classes`` is the null label of classifier-free guidance)."""
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of shape ({batch},), got {describe(y)}")
+    if y.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one label per sample), got shape {tuple(y.shape)}")
+    if num_classes is not None and y.numel() and y.device.type != "meta":
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi > num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}] ({num_classes} classes, the last label "
+                             f"{num_classes} is the null label), got values in [{lo}, {hi}]")
+    return y
+
+
+def shape(name: str, s) -> tuple:
+    """Check a tensor shape: a tuple (or list / torch.Size) of non-negative ints."""
+    if not isinstance(s, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in s):
+        raise TypeError(f"{name} must be a tuple of ints such as (batch, dim), got {describe(s)}")
+    if any(d < 0 for d in s):
+        raise ValueError(f"{name} must have non-negative sizes, got {tuple(s)}")
+    return tuple(s)

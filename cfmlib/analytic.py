@@ -45,6 +45,7 @@ class GaussianMixture:
         if isinstance(stds, (int, float)) and not isinstance(stds, bool):
             stds = torch.full((K, D), float(stds), dtype=means.dtype, device=means.device)
         _checks.tensor("stds", stds, ndim=(1, 2))
+        _checks.same_device(means=means, stds=stds)
         if stds.ndim == 1:
             if stds.shape[0] != K:
                 raise ValueError(f"stds of shape (K,) must have K={K} entries, got {stds.shape[0]}")
@@ -58,6 +59,7 @@ class GaussianMixture:
         _checks.tensor("weights", weights, ndim=1)
         if weights.shape[0] != K:
             raise ValueError(f"weights must have K={K} entries, got {weights.shape[0]}")
+        _checks.same_device(means=means, weights=weights)
         if bool((weights < 0).any()) or float(weights.sum()) <= 0:
             raise ValueError("weights must be non-negative with a positive sum")
         _checks.same_device(means=means, stds=stds, weights=weights)
@@ -83,6 +85,7 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
         """Draw ``n`` samples, shape ``(n, D)`` (and the component index of each, if asked)."""
         _checks.positive_int("n", n)
+        _checks.generator("generator", generator)
         dev = generator.device if generator is not None else self.means.device
         w = self.weights.to(dev)
         k = torch.multinomial(w, n, replacement=True, generator=generator)
@@ -105,6 +108,7 @@ class EmpiricalDistribution(GaussianMixture):
     """The uniform distribution on a finite set of points ``(N, D)``: a mixture with zero widths."""
 
     def __init__(self, points: torch.Tensor):
+        _checks.tensor("points", points, ndim=2)
         super().__init__(points, 0.0)
 
 

@@ -19,6 +19,25 @@ from . import _checks
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_config"]
 
+_PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(value, where: str) -> None:
+    """Everything in a checkpoint must load with ``weights_only=True``: tensors, numbers, strings,
+    ``None`` and lists / tuples / dicts of them. Fail before writing anything, naming the entry."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise TypeError(f"{where} has a key {k!r} of type {type(k).__name__}; checkpoint keys must be "
+                                f"str or numbers so that torch.load(..., weights_only=True) can read them")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(f"{where} is {_checks.describe(value)}, which torch.load(..., weights_only=True) "
+                        f"cannot read; store tensors, numbers, strings and lists / dicts of them")
+
 
 def save_checkpoint(path, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file + ``os.replace``)."""
@@ -26,6 +45,7 @@ def save_checkpoint(path, state: dict) -> Path:
         raise TypeError(f"state must be a dict, got {_checks.describe(state)}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {_checks.describe(path)}")
+    _check_plain(state, "state")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -34,9 +34,25 @@ def _check_batches(x0, x1):
 
 
 def sq_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    r"""Squared Euclidean cost matrix ``C[i, j] = |x0[i] - x1[j]|^2``, shape ``(n, n)``, on the inputs' device."""
-    a, b = x0.flatten(1), x1.flatten(1)
-    return torch.cdist(a, b).pow(2)
+    r"""Squared Euclidean cost matrix ``C[i, j] = |x0[i] - x1[j]|^2``, shape ``(n, m)``, on the inputs' device."""
+    _checks.tensor("x0", x0)
+    _checks.tensor("x1", x1)
+    if x0.ndim < 2 or x0.shape[1:] != x1.shape[1:]:
+        raise ValueError(f"x0 and x1 must be batches (n, ...) and (m, ...) of samples of the same shape, "
+                         f"got shapes {tuple(x0.shape)} and {tuple(x1.shape)}")
+    _checks.same_device(x0=x0, x1=x1)
+    return _sq_cost(x0, x1)
+
+
+def _sq_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """:func:`sq_cost` without argument checks."""
+    return torch.cdist(x0.flatten(1), x1.flatten(1)).pow(2)
+
+
+def _ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """:func:`ot_permutation` (no labels) without argument checks, for the training loop, which
+    builds its batches itself and validates its data once, before the first step."""
+    return _assignment(_sq_cost(x1, x0)).to(x0.device)
 
 
 def _assignment(cost: torch.Tensor) -> torch.Tensor:
@@ -59,7 +75,7 @@ def ot_permutation(x0: torch.Tensor, x1: torch.Tensor, labels0: torch.Tensor | N
     """
     _check_batches(x0, x1)
     n = x0.shape[0]
-    cost = sq_cost(x1, x0)  # rows: data, columns: noise
+    cost = _sq_cost(x1, x0)  # rows: data, columns: noise
     if labels0 is not None or labels1 is not None:
         if labels0 is None or labels1 is None:
             raise ValueError("pass both labels0 and labels1 for a label-aware coupling, or neither")
@@ -96,6 +112,11 @@ def pair(coupling: str, x0: torch.Tensor, x1: torch.Tensor):
 
 def is_permutation(perm: torch.Tensor, n: int) -> bool:
     """True when ``perm`` contains each of ``0..n-1`` exactly once."""
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"perm must be a torch.Tensor of indices, got {_checks.describe(perm)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise (TypeError if not isinstance(n, int) or isinstance(n, bool) else ValueError)(
+            f"n must be a non-negative int, got {_checks.describe(n)}")
     return perm.shape == (n,) and bool(np.array_equal(np.sort(perm.cpu().numpy()), np.arange(n)))
 
 
@@ -128,6 +149,7 @@ def reflow_pairs(model, n: int, *, path="ot", method: str = "rk4", steps: int = 
 
     _checks.positive_int("n", n)
     _checks.positive_int("batch_size", batch_size)
+    _checks.generator("generator", generator)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {_checks.describe(model)}")
     path = get_path(path)

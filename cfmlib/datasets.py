@@ -21,6 +21,8 @@ __all__ = ["DATASETS", "get_dataset", "eight_gaussians", "gaussian_mixture", "lo
 
 def eight_gaussians(radius: float = 3.0, std: float = 0.3) -> GaussianMixture:
     """Eight equal Gaussians with standard deviation ``std`` on a circle of radius ``radius``."""
+    _checks.number("radius", radius, lo=0.0)
+    _checks.number("std", std, lo=0.0)
     ang = torch.arange(8, dtype=torch.float32) * (2 * math.pi / 8)
     means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
     return GaussianMixture(means, std)
@@ -35,10 +37,12 @@ def gaussian_mixture() -> GaussianMixture:
 
 class _Toy:
     def __init__(self, name, fn, noise):
+        noise = _checks.number("noise", noise, lo=0.0)
         self.name, self.fn, self.noise = name, fn, noise
 
     def __call__(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         _checks.positive_int("n", n)
+        _checks.generator("generator", generator)
         dev = generator.device if generator is not None else torch.device("cpu")
         return self.fn(n, generator, dev, self.noise)
 
@@ -112,6 +116,9 @@ def load_digits(device=None):
     """
     from sklearn.datasets import load_digits as _load
 
+    from .device import get_device
+
+    device = get_device(device) if device is not None else None
     d = _load()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
     y = torch.tensor(d.target, dtype=torch.long)

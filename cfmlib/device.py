@@ -31,6 +31,8 @@ def seed_everything(seed: int = 0) -> None:
     """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) random number generators."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must lie in [0, 2**32 - 1] (NumPy's range), got {seed}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -121,6 +121,10 @@ class AffineCouplingFlow(nn.Module):
         r"""Normalizing direction: ``(z, logdet)`` with :math:`z = F(x)` and
         ``logdet`` :math:`= \log\lvert\det \partial F/\partial x\rvert` (the sum over layers), shape ``(batch,)``."""
         self._check("x", x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
+        """:meth:`forward` without argument checks (the training loop validates once, up front)."""
         logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for layer in self.layers:
             x, ld = layer(x)
@@ -136,7 +140,11 @@ class AffineCouplingFlow(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         r""":math:`\log q_\theta(x) = \log \mathcal N(F(x); 0, I) + \log\lvert\det \partial F/\partial x\rvert`, shape ``(batch,)``."""
-        z, logdet = self.forward(x)
+        self._check("x", x)
+        return self._log_prob(x)
+
+    def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        z, logdet = self._forward(x)
         return -0.5 * z.pow(2).sum(1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -194,7 +202,9 @@ def train_flow(flow: AffineCouplingFlow, data, *, steps: int = 2000, batch_size:
             x = data[torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=p.device)]
         else:
             x = data(batch_size, generator=gen).to(device=p.device, dtype=p.dtype)
-        loss = -flow.log_prob(x).mean()
+            if step == 0:  # the sampler's output, checked once (not every step)
+                flow._check("data", x)
+        loss = -flow._log_prob(x).mean()  # tensor data was checked once, before the loop
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(f"the negative log-likelihood became {loss.item()} at step {step}; "
                                      f"lower lr, lower scale_bound or set grad_clip")

@@ -57,6 +57,7 @@ def divergence(v, x: torch.Tensor, t, *, method: str = "exact", probes: torch.Te
     :math:`\varepsilon^\top J \varepsilon` over ``probes`` of shape ``(K, batch, ...)``
     (default: one Rademacher probe).  ``v`` is called as ``v(x, t, **kwargs)``.
     """
+    _checks.function("v", v)
     _checks.tensor("x", x)
     _checks.choice("divergence method", method, DIVERGENCES)
     t = _checks.time("t", t, x.shape[0], like=x)
@@ -76,6 +77,10 @@ def divergence(v, x: torch.Tensor, t, *, method: str = "exact", probes: torch.Te
 
 def gaussian_log_prob(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     r""":math:`\log \mathcal N(x; 0, \mathrm{scale}^2 I)` per sample, shape ``(batch,)``."""
+    _checks.tensor("x", x, finite=False)
+    if x.ndim < 2:
+        raise ValueError(f"x must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
+    _checks.number("scale", scale, lo=0.0, lo_open=True)
     d = x[0].numel()
     return -0.5 * x.flatten(1).pow(2).sum(1) / scale**2 - d * math.log(scale) - 0.5 * d * math.log(2 * math.pi)
 
@@ -108,7 +113,8 @@ def _dynamics(v, batch, method, eps, create_graph, kwargs):
     return f
 
 
-def _check_solve(x, method, steps, divergence_method, n_probes):
+def _check_solve(v, x, method, steps, divergence_method, n_probes, atol, rtol, generator):
+    _checks.function("v", v)
     _checks.tensor("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
@@ -116,6 +122,11 @@ def _check_solve(x, method, steps, divergence_method, n_probes):
     _checks.positive_int("steps", steps)
     _checks.choice("divergence", divergence_method, DIVERGENCES)
     _checks.positive_int("n_probes", n_probes)
+    if method in ADAPTIVE_METHODS:
+        _checks.number("atol", atol, lo=0.0, lo_open=True)
+        _checks.number("rtol", rtol, lo=0.0, lo_open=True)
+    _checks.generator("generator", generator)
+    _checks.module_device("model", v, x=x)
 
 
 def _probes(x, divergence_method, n_probes, generator):
@@ -142,10 +153,7 @@ def log_prob(v, x1: torch.Tensor, *, path="ot", method: str = "dopri5", steps: i
             ``generator`` and fixed for the whole solve).
         create_graph: keep the graph for backpropagation (maximum-likelihood training of a CNF).
     """
-    _check_solve(x1, method, steps, divergence, n_probes)
-    if method in ADAPTIVE_METHODS:
-        _checks.number("atol", atol, lo=0.0, lo_open=True)
-        _checks.number("rtol", rtol, lo=0.0, lo_open=True)
+    _check_solve(v, x1, method, steps, divergence, n_probes, atol, rtol, generator)
     path = get_path(path)
     eps = _probes(x1, divergence, n_probes, generator)
     f = _dynamics(v, x1.shape[0], divergence, eps, create_graph, kwargs)
@@ -160,7 +168,7 @@ def sample_with_log_prob(v, x0: torch.Tensor, *, path="ot", method: str = "dopri
                          generator: torch.Generator | None = None, **kwargs) -> LogProbResult:
     r"""Sample and score in the same solve: integrate forward from ``x0`` (noise) and return the
     samples ``x1`` with :math:`\log p_1(x_1) = \log p_0(x_0) - \int_0^1 \nabla\cdot v\,dt`."""
-    _check_solve(x0, method, steps, divergence, n_probes)
+    _check_solve(v, x0, method, steps, divergence, n_probes, atol, rtol, generator)
     path = get_path(path)
     eps = _probes(x0, divergence, n_probes, generator)
     f = _dynamics(v, x0.shape[0], divergence, eps, False, kwargs)

@@ -53,6 +53,7 @@ def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.1, 0.3, 1.0, 3.0)) -> fl
     _two_sets(a, b)
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError("mmd needs at least two samples in each set")
+    _checks.same_device(a=a, b=b)
     a, b = a.detach().double(), b.detach().double().to(a.device)
     hs = [_checks.number("bandwidth", h, lo=0.0, lo_open=True) for h in bandwidths]
 
@@ -70,6 +71,8 @@ def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.1, 0.3, 1.0, 3.0)) -> fl
 def bits_per_dim(nll_nats, dim: int):
     """Convert a negative log-likelihood in nats (per sample) to bits per dimension."""
     _checks.positive_int("dim", dim)
+    if isinstance(nll_nats, bool) or not isinstance(nll_nats, (int, float, torch.Tensor)):
+        raise TypeError(f"nll_nats must be a number or a tensor (nats per sample), got {_checks.describe(nll_nats)}")
     return nll_nats / (dim * math.log(2.0))
 
 

@@ -80,6 +80,8 @@ class AffinePath:
     def sample_source(self, shape, *, generator: torch.Generator | None = None, device=None,
                       dtype=None) -> torch.Tensor:
         """Draw from the source distribution ``N(0, source_scale**2 I)`` with the given shape."""
+        _checks.shape("shape", shape)
+        _checks.generator("generator", generator)
         return self.source_scale * torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
     # --- checks ----------------------------------------------------------------
@@ -100,6 +102,14 @@ class AffinePath:
         _checks.same_shape(name, x, "x1", x1)
         _checks.same_device(**{name: x, "x1": x1})
         return _checks.time("t", t, x.shape[0], like=x)
+
+    @staticmethod
+    def _nonzero(name: str, values: torch.Tensor, t: torch.Tensor, why: str) -> None:
+        """Raise when a schedule value the formula divides by is zero at one of the times ``t``."""
+        bad = values == 0
+        if bool(bad.any()):
+            raise ValueError(f"t: {name} = 0 at t = {float(t[bad][0]):.4g}, and {why} divides by {name}; "
+                             f"use times where {name} > 0")
 
     # --- conditional flow --------------------------------------------------------
     def sample_xt(self, x0: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
@@ -130,12 +140,14 @@ class AffinePath:
         Needs :math:`\sigma_t > 0`.
         """
         t = self._point(x, x1, t)
+        self._nonzero("sigma_t", self.sigma(t), t, "the conditional field")
         a, s, da, ds = (_bc(v, x) for v in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)))
         return ds / s * (x - a * x1) + da * x1
 
     def conditional_score(self, x: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
         r""":math:`\nabla_x \log p_t(x \mid x_1) = -(x - \alpha_t x_1) / \sigma_t^2`."""
         t = self._point(x, x1, t)
+        self._nonzero("sigma_t", self.sigma(t), t, "the conditional score")
         a, s = _bc(self.alpha(t), x), _bc(self.sigma(t), x)
         return -(x - a * x1) / s**2
 
@@ -143,6 +155,7 @@ class AffinePath:
         r""":math:`\log \mathcal N(x; \alpha_t x_1, \sigma_t^2 I)`, shape ``(batch,)``."""
         t = self._point(x, x1, t)
         a, s = self.alpha(t), self.sigma(t)
+        self._nonzero("sigma_t", s, t, "the conditional log-density")
         d = x[0].numel()
         r2 = ((x - _bc(a, x) * x1) ** 2).flatten(1).sum(1)
         return -0.5 * r2 / s**2 - d * torch.log(s) - 0.5 * d * math.log(2 * math.pi)
@@ -156,31 +169,39 @@ class AffinePath:
         _checks.same_shape(vname, v, "x", x)
         _checks.same_device(**{vname: v, "x": x})
         t = _checks.time("t", t, x.shape[0], like=x)
-        return [_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))]
+        return t, [_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))]
 
     def velocity_to_noise(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         r"""Noise prediction :math:`\hat x_0 = (\alpha_t v - \dot\alpha_t x) / (\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)`."""
-        a, s, da, ds = self._xv(v, x, t, "v")
+        t, (a, s, da, ds) = self._xv(v, x, t, "v")
         return (a * v - da * x) / (a * ds - s * da)
 
     def velocity_to_x1(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         r"""Data prediction :math:`\hat x_1 = (\dot\sigma_t x - \sigma_t v) / (\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)`."""
-        a, s, da, ds = self._xv(v, x, t, "v")
+        t, (a, s, da, ds) = self._xv(v, x, t, "v")
         return (ds * x - s * v) / (a * ds - s * da)
 
     def velocity_to_score(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         r"""Score :math:`\nabla \log p_t(x) = -\hat x_0 / \sigma_t` from a velocity (needs :math:`\sigma_t > 0`)."""
-        a, s, da, ds = self._xv(v, x, t, "v")
+        t, (a, s, da, ds) = self._xv(v, x, t, "v")
+        self._nonzero("sigma_t", s.reshape(-1), t, "the score")
+        return self._velocity_to_score(v, x, t)
+
+    def _velocity_to_score(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """:meth:`velocity_to_score` without argument checks (``t`` a ``(batch,)`` tensor), for solver loops."""
+        a, s, da, ds = (_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)))
         return -(a * v - da * x) / ((a * ds - s * da) * s)
 
     def noise_to_velocity(self, eps: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         r"""Velocity from a noise prediction: :math:`v = \frac{\dot\alpha_t}{\alpha_t} x + (\dot\sigma_t - \frac{\dot\alpha_t\sigma_t}{\alpha_t})\hat x_0` (needs :math:`\alpha_t > 0`)."""
-        a, s, da, ds = self._xv(eps, x, t, "eps")
+        t, (a, s, da, ds) = self._xv(eps, x, t, "eps")
+        self._nonzero("alpha_t", a.reshape(-1), t, "the conversion")
         return da / a * x + (ds - da * s / a) * eps
 
     def score_to_velocity(self, score: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         r"""Velocity from a score, through :math:`\hat x_0 = -\sigma_t \nabla\log p_t(x)` (needs :math:`\alpha_t > 0`)."""
-        a, s, da, ds = self._xv(score, x, t, "score")
+        t, (a, s, da, ds) = self._xv(score, x, t, "score")
+        self._nonzero("alpha_t", a.reshape(-1), t, "the conversion")
         eps = -s * score
         return da / a * x + (ds - da * s / a) * eps
 

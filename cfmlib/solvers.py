@@ -124,6 +124,9 @@ def odeint(v, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, *, method: str 
     if method in ADAPTIVE_METHODS:
         _checks.number("atol", atol, lo=0.0, lo_open=True)
         _checks.number("rtol", rtol, lo=0.0, lo_open=True)
+    _checks.module_device("model", v, x=x)
+    if kwargs.get("y") is not None and getattr(v, "num_classes", None):
+        _checks.labels("y", kwargs["y"], x.shape[0], v.num_classes)
     batch = x.shape[0]
 
     def f(t, state):
@@ -144,13 +147,17 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=
     """
     from .paths import get_path
 
+    _checks.function("model", model)
+    _checks.generator("generator", generator)
     path = get_path("ot" if path is None else path)
     if x0 is None:
         if n is None:
             raise ValueError("pass either n (the number of samples) or x0 (the starting noise)")
         _checks.positive_int("n", n)
         shape = _data_shape(model)
-        dev = device if device is not None else next(model.parameters()).device
+        from .device import get_device
+
+        dev = get_device(device) if device is not None else next(model.parameters()).device
         gen_dev = generator.device if generator is not None else dev
         x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev).to(dev)
     elif n is not None and n != x0.shape[0]:
