@@ -3,19 +3,20 @@
 `make test` first creates .venv-colab (torch, numpy, matplotlib, scipy,
 ipykernel) and a wheelhouse with cfmlib's other dependencies in .cache/wheels
 (see the Makefile). Here, without the network, the preface runs end to end in
-that runtime: its setup cell installs cfmlib from this checkout, and torch
-must be left exactly as it was.
+that runtime under nbval: its setup cell installs cfmlib from this checkout,
+its checked cells must print what is stored, and torch must be left exactly
+as it was. This is the one place where `make test` executes the preface.
 """
 
 import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 COLAB = ROOT / ".venv-colab"
@@ -65,12 +66,17 @@ def test_setup_cell_installs_cfmlib_and_leaves_torch_alone(monkeypatch, tmp_path
     (kernel / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "colab", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
 
-    nb = nbformat.read(PREFACE, as_version=4)
-    client = NotebookClient(
-        nb, kernel_name="colab", timeout=1800, resources={"metadata": {"path": str(PREFACE.parent)}}
-    )
-    client.execute()  # raises CellExecutionError if any cell fails
+    # nbval executes the preface in that kernel and compares its checked cells with the stored
+    # outputs. This is the preface's only execution in `make test` (the main nbval run skips it).
+    env = dict(os.environ)
+    checked = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+         "--nbval-kernel-name", "colab", "--nbval-cell-timeout", "1800",
+         "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), str(PREFACE)],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout[-4000:] + checked.stderr[-2000:]
 
+    nb = nbformat.read(PREFACE, as_version=4)
     setup_output = "".join(o.get("text", "") for o in nb.cells[1].outputs)
     assert setup_output.startswith("cfmlib"), setup_output
     assert run(str(PYTHON), "-c", "import cfmlib; print(cfmlib.__file__)").startswith(str(COLAB))
