@@ -54,10 +54,17 @@ class AffinePath:
         raise NotImplementedError
 
     def _derivative(self, fn, t: torch.Tensor) -> torch.Tensor:
+        # A schedule that does not depend on t (e.g. alpha_t = 1 written as a constant) has no
+        # graph to differentiate; its derivative is zero.
         with torch.enable_grad():
             tt = t.detach().clone().requires_grad_(True)
-            (d,) = torch.autograd.grad(fn(tt).sum(), tt)
-        return d
+            out = fn(tt)
+            if not isinstance(out, torch.Tensor):
+                out = torch.as_tensor(out, dtype=tt.dtype, device=tt.device)
+            if not out.requires_grad:
+                return torch.zeros_like(tt)
+            (d,) = torch.autograd.grad(out.sum(), tt, allow_unused=True)
+        return torch.zeros_like(tt) if d is None else d
 
     def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
         r""":math:`\dot\alpha_t` (autograd unless overridden)."""
