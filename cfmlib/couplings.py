@@ -21,6 +21,7 @@ from . import _checks
 __all__ = ["COUPLINGS", "independent", "ot_permutation", "ot_pair", "pair", "sq_cost", "is_permutation",
            "reflow_pairs"]
 
+#: Names of the couplings that :func:`pair` and :func:`cfmlib.training.train` accept.
 COUPLINGS = ("independent", "ot")
 
 
@@ -57,7 +58,7 @@ def _ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def _assignment(cost: torch.Tensor) -> torch.Tensor:
     """Row ``i`` of ``cost`` is matched to column ``col[i]``: an exact minimum-cost assignment
-    (shortest augmenting paths warm-started by an auction, :mod:`cfmlib._assignment`; the same
+    (shortest augmenting paths warm-started by an auction, ``cfmlib._assignment``; the same
     optimum as :func:`scipy.optimize.linear_sum_assignment`, several times faster on minibatches)."""
     from ._assignment import assignment
 

@@ -91,6 +91,7 @@ def _circles(n, g, dev, noise):
     return pts + noise * torch.randn(n, 2, generator=g, device=dev)
 
 
+#: The 2D data sets known to :func:`get_dataset`.
 DATASETS = {
     "8gaussians": eight_gaussians,
     "gmm": gaussian_mixture,

@@ -25,6 +25,7 @@ from .solvers import ADAPTIVE_METHODS, METHODS, integrate
 
 __all__ = ["divergence", "log_prob", "sample_with_log_prob", "LogProbResult", "gaussian_log_prob"]
 
+#: Divergence estimators: the exact trace of the Jacobian, or Hutchinson's estimate.
 DIVERGENCES = ("exact", "hutchinson")
 
 

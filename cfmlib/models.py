@@ -91,6 +91,7 @@ class MLP(nn.Module):
         return self.head(self.body[2:](h))
 
 
+#: Model kinds that :func:`build_model` can rebuild from a ``config``.
 MODELS = {"mlp": MLP}
 
 

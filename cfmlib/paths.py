@@ -319,6 +319,7 @@ class CosinePath(AffinePath):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
 
+#: The paths known by name to :func:`get_path` (and to every function taking ``path=``).
 PATHS = {"ot": CondOTPath, "ve": VEPath, "vp": VPPath, "cosine": CosinePath}
 
 

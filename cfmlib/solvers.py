@@ -16,8 +16,11 @@ from . import _checks
 
 __all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "sdeint"]
 
+#: Fixed-step methods, run in cfmlib's own loop.
 FIXED_METHODS = ("euler", "midpoint", "rk4")
+#: Adaptive methods, run through torchdiffeq with ``atol`` / ``rtol``.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: Every solver name accepted by :func:`odeint` and :func:`sample`.
 METHODS = FIXED_METHODS + ADAPTIVE_METHODS
 
 

@@ -233,7 +233,7 @@ def train(model: nn.Module, data=None, *, pairs=None, path="ot", coupling: str =
             warm-up the decay used at step ``k`` is ``min(ema_decay, (1 + k) / (10 + k))``.
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
         label_dropout: probability of replacing a label by the null label (classifier-free guidance).
-        device: ``None`` picks CUDA, then MPS, then CPU (:func:`cfmlib.get_device`).
+        device: ``None`` picks CUDA, then MPS, then CPU (:func:`cfmlib.device.get_device`).
         seed: seeds the model's initialisation-independent randomness: data, noise, times, dropout.
         amp: ``False``, ``'bf16'`` or ``'fp16'``: autocast the forward pass on CUDA (loss in fp32).
         compile: wrap the model in ``torch.compile`` for the training forward pass.
