@@ -43,7 +43,9 @@ def offline_pip_env(monkeypatch):
 
 
 def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+    # From a neutral folder: `python -c` puts the current folder first on sys.path, and the
+    # checkout's own cfmlib/ must not shadow what pip installed into .venv-colab.
+    return subprocess.run(args, check=True, capture_output=True, text=True, cwd="/").stdout.strip()
 
 
 def test_setup_cell_installs_cfmlib_and_leaves_torch_alone(monkeypatch, tmp_path):
