@@ -40,9 +40,10 @@ class Solution:
 
 
 def _axpy(x, h, k):
+    """``x + h k`` in one fused operation (no temporary for ``h k``)."""
     if isinstance(x, tuple):
-        return tuple(a + h * b for a, b in zip(x, k))
-    return x + h * k
+        return tuple(torch.add(a, b, alpha=h) for a, b in zip(x, k))
+    return torch.add(x, k, alpha=h)
 
 
 def _step(f, method, t, h, x):
