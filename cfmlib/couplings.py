@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from . import _checks
 
@@ -143,7 +142,9 @@ def reflow_pairs(model, n: int, *, path="ot", method: str = "rk4", steps: int = 
         batch_size: solve in chunks of this many samples to bound memory.
 
     Returns:
-        ``(x0, x1)``, two tensors of shape ``(n, ...)`` on the model's (or the given) device.
+        ``(x0, x1)``, two tensors of shape ``(n, ...)`` on the model's (or the given) device;
+        ``x0`` is the standard-normal noise of the path (the flow starts at
+        ``path.source_scale * x0``), so the pairs can go straight to ``train(pairs=...)``.
     """
     from .paths import get_path
     from .solvers import _data_shape, sample
@@ -157,7 +158,8 @@ def reflow_pairs(model, n: int, *, path="ot", method: str = "rk4", steps: int = 
     shape = _data_shape(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gen_dev = generator.device if generator is not None else dev
-    x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev).to(dev)
+    x0 = torch.randn((n, *shape), generator=generator, device=gen_dev).to(dev)
+    start = path.source_scale * x0  # the source point of the flow; 1.0 for the OT path
     x1 = torch.cat([sample(model, x0=chunk, path=path, method=method, steps=steps, **kwargs).x
-                    for chunk in x0.split(batch_size)])
+                    for chunk in start.split(batch_size)])
     return x0, x1

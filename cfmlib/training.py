@@ -88,6 +88,7 @@ class _Batches:
     def __init__(self, data, pairs, batch_size, path, coupling, label_dropout, num_classes, gen, device,
                  part=None):
         self.batch_size, self.path, self.coupling, self.part = batch_size, path, coupling, part
+        self.scale = path.source_scale  # the OT coupling pairs source points sigma_0 x0 with data
         self.label_dropout, self.num_classes, self.gen, self.device = label_dropout, num_classes, gen, device
         self.sampler = self.x1 = self.y = self.x0 = None
         if pairs is not None:
@@ -115,7 +116,7 @@ class _Batches:
             if pending is not None:
                 pending[6].result()
             x0, x1, t, y = self._draw()
-            perm = _ot_permutation(x0, x1)
+            perm = _ot_permutation(self.scale * x0, x1)
         boundary = self.gen.get_state()
         nx0, nx1, nt, ny = self._draw()
         ahead = self.gen.get_state()
@@ -123,7 +124,7 @@ class _Batches:
         if not hasattr(self, "_pool"):
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfmlib-coupling")
-        self._pending = (boundary, ahead, nx0, nx1, nt, ny, self._pool.submit(_ot_permutation, nx0, nx1))
+        self._pending = (boundary, ahead, nx0, nx1, nt, ny, self._pool.submit(_ot_permutation, self.scale * nx0, nx1))
         return self._finish(x0[perm], x1, t, y, coupled=True)
 
     def _draw(self):
@@ -143,7 +144,9 @@ class _Batches:
             y = None if self.y is None else self.y[idx]
             x0 = None if self.x0 is None else self.x0[idx]
         if x0 is None:
-            x0 = self.path.source_scale * torch.randn(x1.shape, generator=gen, device=dev, dtype=x1.dtype)
+            # x0 is the standard-normal noise of x_t = alpha_t x1 + sigma_t x0; the source point
+            # at t = 0 is sigma_0 x0 (scaling x0 here would apply sigma_0 twice, e.g. for VE)
+            x0 = torch.randn(x1.shape, generator=gen, device=dev, dtype=x1.dtype)
         t = torch.rand(b, generator=gen, device=dev, dtype=x1.dtype) * self.path.t_max
         if y is not None and self.label_dropout > 0:
             drop = torch.rand(b, generator=gen, device=dev) < self.label_dropout
@@ -153,7 +156,7 @@ class _Batches:
     def _finish(self, x0, x1, t, y, coupled=False):
         """Apply the coupling (drawn noise only; fixed pairs are already coupled) and the rank's slice."""
         if self.coupling == "ot" and not coupled and self.x0 is None:
-            x0 = x0[_ot_permutation(x0, x1)]
+            x0 = x0[_ot_permutation(self.scale * x0, x1)]
         if self.part is not None:  # distributed, 'global' batches: this rank's slice of the global batch
             x0, x1, t = x0[self.part], x1[self.part], t[self.part]
             y = None if y is None else y[self.part]
