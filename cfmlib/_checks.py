@@ -148,6 +148,27 @@ def module_device(name: str, module, **tensors: torch.Tensor) -> None:
                              f"move one of them with .to(device)")
 
 
+def module_dtype(name: str, module, **tensors: torch.Tensor) -> None:
+    """When ``module`` is an ``nn.Module`` with floating parameters, check that the tensors have their dtype."""
+    if not isinstance(module, torch.nn.Module):
+        return
+    p = next((q for q in module.parameters() if q.is_floating_point()), None)
+    if p is None:
+        return
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != p.dtype:
+            raise TypeError(f"{k} has dtype {v.dtype} but the {name}'s parameters are {p.dtype}; convert one "
+                            f"of them (e.g. {k}.to({p.dtype}) or {name}.to({v.dtype}))")
+
+
+def field_output(name: str, out, x: torch.Tensor) -> None:
+    """Check that a field evaluated at ``x`` returned a tensor of ``x``'s shape (checked once per solve)."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = describe(out)
+        raise ValueError(f"{name} must return a tensor of the state's shape {tuple(x.shape)}, got {got}; "
+                         f"a field maps (batch, ...) points to velocities of the same shape")
+
+
 def labels(name: str, y, batch: int, num_classes: int | None) -> torch.Tensor:
     """Check class labels: an integer tensor ``(batch,)`` with values in ``[0, num_classes]``
     (``num_classes`` is the null label of classifier-free guidance)."""

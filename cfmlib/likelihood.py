@@ -15,15 +15,17 @@ with probes :math:`\varepsilon` fixed for the whole solve.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 
 from . import _checks
 from .paths import get_path
-from .solvers import ADAPTIVE_METHODS, METHODS, integrate
+from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, integrate
 
-__all__ = ["divergence", "log_prob", "sample_with_log_prob", "LogProbResult", "gaussian_log_prob"]
+__all__ = ["divergence", "log_prob", "sample_with_log_prob", "LogProbResult", "gaussian_log_prob",
+           "train_cnf"]
 
 #: Divergence estimators: the exact trace of the Jacobian, or Hutchinson's estimate.
 DIVERGENCES = ("exact", "hutchinson")
@@ -60,6 +62,8 @@ def divergence(v, x: torch.Tensor, t, *, method: str = "exact", probes: torch.Te
     """
     _checks.function("v", v)
     _checks.tensor("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
     _checks.choice("divergence method", method, DIVERGENCES)
     t = _checks.time("t", t, x.shape[0], like=x)
     if probes is not None:
@@ -70,6 +74,7 @@ def divergence(v, x: torch.Tensor, t, *, method: str = "exact", probes: torch.Te
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
         out = v(xg, t, **kwargs)
+        _checks.field_output("v", out, xg)
         if method == "exact":
             return _div_exact(out, xg, create_graph)
         eps = probes if probes is not None else (torch.randint(0, 2, (1, *x.shape), device=x.device) * 2 - 1).to(x.dtype)
@@ -177,3 +182,86 @@ def sample_with_log_prob(v, x0: torch.Tensor, *, path="ot", method: str = "dopri
     sol = integrate(f, (x0, ell), 0.0, path.t_max, method=method, steps=steps, atol=atol, rtol=rtol)
     x1, ell1 = sol.x
     return LogProbResult(gaussian_log_prob(x0, path.source_scale) - ell1, x0, x1, sol.nfe)
+
+
+def train_cnf(model, data, *, steps: int, batch_size: int = 256, lr: float = 1e-3, method: str = "rk4",
+              ode_steps: int = 4, divergence: str = "exact", seed: int = 0, progress: bool = False) -> dict:
+    r"""Train a continuous normalizing flow by maximum likelihood, the classical way (Chapter 2).
+
+    Each step draws a minibatch :math:`x_1^{(1)}, \dots, x_1^{(n)}` and takes one Adam step on
+
+    .. math::  \mathcal L_{\mathrm{ML}}(\theta) = -\frac1n \sum_{i=1}^n \log p_1^\theta(x_1^{(i)}),
+               \qquad \log p_1^\theta(x_1) = \log p_0(x_0) - \int_0^1 \nabla\cdot v_\theta(x_t, t)\, dt ,
+
+    where the log-density comes from :func:`log_prob` with a fixed-step solver and
+    ``create_graph=True``: the backward pass goes through every solver step and through the
+    divergence (a second-order derivative of the network).  Unlike flow matching
+    (:func:`cfmlib.train`) every step simulates the ODE; this function exists to measure that cost.
+
+    Args:
+        model: the field :math:`v_\theta`, an ``nn.Module`` called as ``model(x, t)``; trained in place.
+        data: a sampler ``data(n, generator=g)`` (every cfmlib 2D dataset) or a tensor ``(N, ...)``
+            from which minibatches are drawn with replacement.
+        steps: number of Adam steps; batch_size: points per step; lr: Adam's learning rate.
+        method: a fixed-step solver (``'euler'``, ``'midpoint'``, ``'rk4'``), so that the cost per
+            step is known in advance; ode_steps: its number of steps.
+        divergence: ``'exact'`` or ``'hutchinson'`` (one Rademacher probe per point, fixed per solve).
+        seed: seeds a CPU ``torch.Generator`` that draws every minibatch (and the probes), so a run
+            sees the same data on every device.  The weights are initialized by the caller.
+
+    Returns:
+        ``dict(history=[loss per step], nfe_per_step=int, seconds=float)``; ``nfe_per_step`` counts the
+        forward evaluations of the field in one solve (``4 * ode_steps`` for RK4).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {_checks.describe(model)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    _checks.positive_int("steps", steps)
+    _checks.positive_int("batch_size", batch_size)
+    _checks.number("lr", lr, lo=0.0, lo_open=True)
+    if method not in FIXED_METHODS:
+        raise ValueError(f"method must be a fixed-step solver ({', '.join(FIXED_METHODS)}) so that the "
+                         f"NFE per step is fixed, got {method!r}")
+    _checks.positive_int("ode_steps", ode_steps)
+    _checks.choice("divergence", divergence, DIVERGENCES)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {_checks.describe(seed)}")
+    if isinstance(data, torch.Tensor):
+        _checks.tensor("data", data)
+        if data.ndim < 2 or data.shape[0] == 0:
+            raise ValueError(f"data must be a non-empty tensor of shape (N, ...), got shape {tuple(data.shape)}")
+    elif not callable(data):
+        raise TypeError(f"data must be a sampler called as data(n, generator=...) or a tensor (N, ...), "
+                        f"got {_checks.describe(data)}")
+
+    device = params[0].device
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    model.train()
+    history, nfe = [], 0
+    bar = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc="ML training")
+    start = time.perf_counter()
+    for step in bar:
+        if isinstance(data, torch.Tensor):
+            x1 = data[torch.randint(0, data.shape[0], (batch_size,), generator=gen)]
+        else:
+            x1 = data(batch_size, generator=gen)
+        x1 = x1.to(device)
+        out = log_prob(model, x1, method=method, steps=ode_steps, divergence=divergence, generator=gen,
+                       create_graph=True)
+        loss = -out.log_prob.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"maximum-likelihood loss is {value} at step {step}; "
+                                     f"try a smaller lr (now {lr}) or more ode_steps (now {ode_steps})")
+        history.append(value)
+        nfe = out.nfe
+    return dict(history=history, nfe_per_step=int(nfe), seconds=time.perf_counter() - start)

@@ -55,6 +55,10 @@ def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.1, 0.3, 1.0, 3.0)) -> fl
         raise ValueError("mmd needs at least two samples in each set")
     _checks.same_device(a=a, b=b)
     a, b = a.detach().double(), b.detach().double().to(a.device)
+    if isinstance(bandwidths, (int, float)) and not isinstance(bandwidths, bool):
+        bandwidths = (bandwidths,)
+    if not isinstance(bandwidths, (tuple, list)) or not bandwidths:
+        raise ValueError(f"bandwidths must be a non-empty sequence of positive numbers, got {bandwidths!r}")
     hs = [_checks.number("bandwidth", h, lo=0.0, lo_open=True) for h in bandwidths]
 
     def k(x, y):

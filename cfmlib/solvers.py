@@ -128,13 +128,21 @@ def odeint(v, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, *, method: str 
     if method in ADAPTIVE_METHODS:
         _checks.number("atol", atol, lo=0.0, lo_open=True)
         _checks.number("rtol", rtol, lo=0.0, lo_open=True)
+    if t0 == t1:
+        raise ValueError(f"t0 and t1 must differ (both are {t0}); there is nothing to integrate")
     _checks.module_device("model", v, x=x)
+    _checks.module_dtype("model", v, x=x)
     if kwargs.get("y") is not None and getattr(v, "num_classes", None):
         _checks.labels("y", kwargs["y"], x.shape[0], v.num_classes)
     batch = x.shape[0]
+    first = [True]
 
     def f(t, state):
-        return v(state, t.expand(batch), **kwargs)
+        out = v(state, t.expand(batch), **kwargs)
+        if first[0]:  # once per solve: a wrongly shaped field would otherwise broadcast silently
+            _checks.field_output("v", out, state)
+            first[0] = False
+        return out
 
     return integrate(f, x, t0, t1, method=method, steps=steps, atol=atol, rtol=rtol, trajectory=trajectory)
 
@@ -163,7 +171,10 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=
 
         dev = get_device(device) if device is not None else next(model.parameters()).device
         gen_dev = generator.device if generator is not None else dev
-        x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev).to(dev)
+        param = next((q for q in model.parameters() if q.is_floating_point()), None) \
+            if isinstance(model, torch.nn.Module) else None
+        dtype = param.dtype if param is not None else None  # noise in the model's precision
+        x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev, dtype=dtype).to(dev)
     elif n is not None and n != x0.shape[0]:
         raise ValueError(f"n={n} disagrees with x0's batch size {x0.shape[0]}; pass one of them")
     return odeint(model, x0, 0.0, path.t_max, method=method, steps=steps, atol=atol, rtol=rtol,
@@ -228,6 +239,11 @@ def sdeint(v, x: torch.Tensor, path, t0: float = 0.0, t1: float | None = None, *
         raise ValueError(f"x must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
     path = get_path(path)
     _checks.positive_int("steps", steps)
+    _checks.generator("generator", generator)
+    _checks.module_device("model", v, x=x)
+    _checks.module_dtype("model", v, x=x)
+    if kwargs.get("y") is not None and getattr(v, "num_classes", None):
+        _checks.labels("y", kwargs["y"], x.shape[0], v.num_classes)
     t0 = _checks.number("t0", t0, lo=0.0, hi=1.0)
     t1 = _checks.number("t1", path.t_max if t1 is None else t1, lo=0.0, hi=1.0)
     if not t1 > t0:
