@@ -135,7 +135,10 @@ class AffinePath:
 
     def sample(self, x0: torch.Tensor, x1: torch.Tensor, t):
         """Return ``(xt, ut)``: the point on the conditional path and its target velocity."""
-        t = self._pair(x0, x1, t)
+        return self._sample(x0, x1, self._pair(x0, x1, t))
+
+    def _sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
+        """:meth:`sample` without argument checks (``t`` a ``(batch,)`` tensor), for the training loop."""
         a, s, da, ds = self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
         a, s, da, ds = (_bc(v, x1) for v in (a, s, da, ds))
         return a * x1 + s * x0, da * x1 + ds * x0

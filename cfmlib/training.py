@@ -44,10 +44,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _loss(model, path: AffinePath, x0, x1, t, y=None):
-    a, s, da, ds = path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)
-    shape = (-1, *([1] * (x1.ndim - 1)))
-    xt = a.view(shape) * x1 + s.view(shape) * x0
-    ut = da.view(shape) * x1 + ds.view(shape) * x0
+    xt, ut = path._sample(x0, x1, t)
     v = model(xt, t) if y is None else model(xt, t, y)
     # the loss in float32 at least (autocast may give a half-precision v), float64 when the model is
     dt = torch.promote_types(torch.promote_types(v.dtype, ut.dtype), torch.float32)
