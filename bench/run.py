@@ -293,7 +293,7 @@ def main():
     training.train(net, g8, steps=30 if q else 300, batch_size=256, ema_decay=0.0, device="cpu", progress=False)
     net.eval().requires_grad_(False)
     sc = make_sampling(net, 1000 if q else 10_000, 100)
-    times = interleave(sc, 2, {k: 1 for k in sc})  # 10k x 100 forwards: long on a busy machine
+    times = interleave(sc, rounds, {k: 1 for k in sc})  # each round: 10k x 100 forwards per contestant
     res["sampling_10k_euler100"] = summary(times, "floor")
     for name, v in res["sampling_10k_euler100"].items():
         rows.append((f"{1000 if q else 10_000} samples, 100 Euler steps", name, v, "floor"))
