@@ -196,7 +196,7 @@ def train_cnf(model, data, *, steps: int, batch_size: int = 256, lr: float = 1e-
     where the log-density comes from :func:`log_prob` with a fixed-step solver and
     ``create_graph=True``: the backward pass goes through every solver step and through the
     divergence (a second-order derivative of the network).  Unlike flow matching
-    (:func:`cfmlib.train`) every step simulates the ODE; this function exists to measure that cost.
+    (:func:`cfmlib.training.train`) every step simulates the ODE; this function exists to measure that cost.
 
     Args:
         model: the field :math:`v_\theta`, an ``nn.Module`` called as ``model(x, t)``; trained in place.
