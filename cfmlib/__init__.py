@@ -10,9 +10,10 @@ as in Lipman et al. (2023).  One concern per module:
 * :mod:`cfmlib.training` -- the CFM loss and the training loop
 * :mod:`cfmlib.solvers` -- ODE solvers and sampling
 * :mod:`cfmlib.likelihood` -- log-densities by the instantaneous change of variables
+* :mod:`cfmlib.flows` -- the discrete affine-coupling flow of chapter 1
 * :mod:`cfmlib.datasets`, :mod:`cfmlib.metrics`, :mod:`cfmlib.plotting`, :mod:`cfmlib.checkpoint`
 """
-from . import analytic, checkpoint, couplings, datasets, likelihood, metrics, models, paths, plotting, solvers, training
+from . import analytic, checkpoint, couplings, datasets, flows, likelihood, metrics, models, paths, plotting, solvers, training
 from .analytic import EmpiricalDistribution, GaussianMixture, Marginal
 from .datasets import get_dataset
 from .device import get_device, seed_everything
@@ -24,7 +25,7 @@ from .training import cfm_loss, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "analytic", "checkpoint", "couplings", "datasets", "likelihood", "metrics", "models", "paths", "plotting",
+    "analytic", "checkpoint", "couplings", "datasets", "flows", "likelihood", "metrics", "models", "paths", "plotting",
     "solvers", "training", "EmpiricalDistribution", "GaussianMixture", "Marginal", "get_dataset", "get_device",
     "seed_everything", "MLP", "get_path", "odeint", "sample", "cfm_loss", "train",
 ]
