@@ -34,14 +34,31 @@ def test_two_moons_learned():
     assert len(res.history) == 600 and res.history[-1] < res.history[0]
 
 
-def test_class_conditional_and_pairs():
+def test_class_conditional_and_pairs(monkeypatch):
+    import cfmlib.training as tr
+
     x1 = torch.randn(200, 2)
     y = (x1[:, 0] > 0).long()
-    res = train(MLP(2, hidden=16, depth=1, num_classes=2), (x1, y), steps=5, batch_size=32, progress=False)
-    assert len(res.history) == 5
+    res = train(MLP(2, hidden=16, depth=1, num_classes=2), (x1, y), steps=20, batch_size=32, progress=False)
+    assert len(res.history) == 20
+    x, t = torch.randn(8, 2), torch.full((8,), 0.5)
+    with torch.no_grad():  # the label embedding was trained: labels change the field
+        assert not torch.allclose(res.model(x, t, torch.zeros(8, dtype=torch.long)),
+                                  res.model(x, t, torch.ones(8, dtype=torch.long)))
+
+    # fixed pairs are drawn together, never re-paired: here x1 - x0 = 5 for every pair
     x0 = torch.randn(200, 2)
-    res = train(MLP(2, hidden=16, depth=1), pairs=(x0, x1), steps=5, batch_size=32, progress=False)
-    assert len(res.history) == 5
+    seen = []
+    real_loss = tr._loss
+
+    def spy(model, p, a, b, t, y=None):
+        seen.append((b - a).detach().clone())
+        return real_loss(model, p, a, b, t, y)
+
+    monkeypatch.setattr(tr, "_loss", spy)
+    res = train(MLP(2, hidden=16, depth=1), pairs=(x0, x0 + 5.0), steps=5, batch_size=32, progress=False)
+    assert len(res.history) == 5 and len(seen) == 5
+    assert all(torch.allclose(d, torch.full_like(d, 5.0), atol=1e-5) for d in seen)
 
 
 def test_ema_tracks_model():
