@@ -66,7 +66,8 @@ def _lines(cell):
 
 
 def _set(cell, lines):
-    cell["source"] = "\n".join(lines)
+    # the on-disk form Jupyter itself writes: a list of lines, each but the last ending in "\n"
+    cell["source"] = [line + "\n" for line in lines[:-1]] + lines[-1:]
 
 
 def _new_cell(kind, text):
