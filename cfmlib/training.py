@@ -97,12 +97,13 @@ class _Batches:
         else:
             self.x1, self.y = data[0].to(device), data[1].to(device)
 
-    def __call__(self):
+    def __call__(self, ahead: bool = True):
         """The next step's batch. With the OT coupling the next batch is drawn ahead and its
         coupling (an exact assignment, which releases the GIL) is solved in a background thread
         while the current step trains. The draws still come from ``gen`` in the same order, and
         ``gen`` is rewound after drawing ahead, so that between calls it always holds the state at
-        the step boundary (what a checkpoint saves); results are bitwise those without prefetch."""
+        the step boundary (what a checkpoint saves); results are bitwise those without prefetch.
+        ``ahead=False`` (the last step) prepares nothing for a step that will not come."""
         if self.coupling != "ot" or self.x0 is not None:
             return self._finish(*self._draw())
         pending, self._pending = getattr(self, "_pending", None), None
@@ -114,6 +115,8 @@ class _Batches:
                 pending[6].result()
             x0, x1, t, y = self._draw()
             perm = _ot_permutation(self.scale * x0, x1)
+        if not ahead:
+            return self._finish(x0[perm], x1, t, y, coupled=True)
         boundary = self.gen.get_state()
         nx0, nx1, nt, ny = self._draw()
         ahead = self.gen.get_state()
@@ -372,7 +375,7 @@ def train(model: nn.Module, data=None, *, pairs=None, path="ot", coupling: str =
     model.train()
     last_checked = start
     for step in range(start, steps):
-        x0, x1, t, y = batches()
+        x0, x1, t, y = batches(ahead=step + 1 < steps)
         if use_amp:
             with torch.autocast(device.type, dtype=amp_dtype):
                 loss = _loss(forward, path, x0, x1, t, y)
