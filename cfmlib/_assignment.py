@@ -378,6 +378,11 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
+def _tag(cc: str, flags) -> str:
+    """The cache key of a build: source, compiler, flags and processor."""
+    return hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+
+
 #: Compiler flags, tried in order: the machine's own vector instructions, then portable code.
 _FLAGS = (["-O3", "-march=native"], ["-O3"])
 
@@ -393,7 +398,7 @@ def _load():
             return None
         cc = os.environ.get("CC", "cc")
         for flags in _FLAGS:
-            tag = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+            tag = _tag(cc, flags)
             for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"cfmlib-{os.getuid() if hasattr(os, 'getuid') else 0}"):
                 so = folder / f"assign_{tag}.so"
                 try:

@@ -366,6 +366,11 @@ def train(model: nn.Module, data=None, *, pairs=None, path="ot", coupling: str =
     ema_params = [p for p in ema.parameters()]
     check_every = check_every or (20 if device.type == "cpu" else 50)
 
+    @torch.no_grad()
+    def sync_ema():  # without averaging (ema_decay = 0) the EMA is the model: copied when it is read
+        if ema_decay == 0:
+            torch._foreach_copy_(ema_params, params)
+
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -394,16 +399,16 @@ def train(model: nn.Module, data=None, *, pairs=None, path="ot", coupling: str =
             scaler.update()
         else:
             opt.step()
-        with torch.no_grad():  # the EMA must not record autograd history (it would grow every step)
-            if ema_decay > 0:
+        if ema_decay > 0:
+            with torch.no_grad():  # the EMA must not record autograd history (it would grow every step)
                 # warm-up: early on the average must not be dominated by the random initial weights
                 decay = min(ema_decay, (1.0 + step) / (10.0 + step))
                 torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-            else:
-                torch._foreach_copy_(ema_params, params)
         history[step] = loss.detach()
         done = step + 1
         save_now = ckpt_path is not None and checkpoint_every and done % checkpoint_every == 0
+        if save_now or done == steps:
+            sync_ema()
         if done - last_checked >= check_every or done == steps or save_now:  # never save a NaN model
             _raise_if_nonfinite(history, last_checked, done, lr, path, reduce=dist_on)
             last_checked = done

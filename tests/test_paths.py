@@ -279,3 +279,18 @@ def test_mismatched_shapes_and_types():
         p.sample(torch.zeros(3, 2), torch.zeros(3, 2), "0.5")
     with pytest.raises(ValueError, match="t must be a scalar"):
         p.sample(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(64, 2), (8, 3, 4, 4)])
+def test_ot_path_fused_sample_equals_the_general_formula(sigma_min, shape):
+    """CondOTPath._sample (two fused operations, the training hot path) gives the x_t and u_t of the
+    general affine formula alpha_t x1 + sigma_t x0, alpha'_t x1 + sigma'_t x0."""
+    from cfmlib.paths import AffinePath, CondOTPath
+
+    g = torch.Generator().manual_seed(0)
+    x0, x1, t = torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.rand(shape[0], generator=g)
+    path = CondOTPath(sigma_min)
+    xt, ut = path._sample(x0, x1, t)
+    rx, ru = AffinePath._sample(path, x0, x1, t)
+    assert torch.allclose(xt, rx, atol=1e-6) and torch.allclose(ut, ru, atol=1e-6)

@@ -90,3 +90,29 @@ def test_training_points_follow_the_path(name, monkeypatch):
     xt = path.sample_xt(x0, x1b, t)  # data at 0: x_t = sigma_t x0, so x_t / sigma_t ~ N(0, I)
     z = xt / path.sigma(t)[:, None]
     assert abs(float(z.std()) - 1.0) < 0.03
+
+
+def test_ema_without_averaging_is_the_model_in_every_checkpoint(tmp_path):
+    """With ema_decay=0 the EMA is copied from the model only when it is read (checkpoints, the end):
+    every checkpoint must still hold ema == model."""
+    ck = tmp_path / "ck.pt"
+    train(MLP(2, hidden=16, depth=1), cfmlib.get_dataset("moons"), steps=7, batch_size=32, ema_decay=0.0,
+          progress=False, checkpoint=ck, checkpoint_every=7)
+    state = torch.load(ck, weights_only=False)
+    assert state["step"] == 7
+    for k, v in state["model"].items():
+        assert torch.equal(v, state["ema"][k])
+
+
+def test_last_step_prepares_no_coupling():
+    """The OT coupling of the next batch is solved ahead, except after the last step (no work is left
+    running in the background when train returns)."""
+    import cfmlib.training as tr
+
+    gen = torch.Generator().manual_seed(0)
+    b = tr._Batches(cfmlib.get_dataset("moons"), None, 64, get_path("ot"), "ot", 0.0, None, gen,
+                    torch.device("cpu"))
+    b()
+    assert b._pending is not None
+    b(ahead=False)
+    assert b._pending is None
