@@ -342,7 +342,8 @@ def main():
     res["load_after"] = load()
 
     print(f"\nload average before {res['load_before']}, after {res['load_after']}; "
-          f"{res['threads']} torch threads, OMP_WAIT_POLICY={res['omp_wait_policy']}, {rounds} interleaved rounds; "
+          f"{res['threads']} torch threads, OMP_WAIT_POLICY={res['omp_wait_policy']}, {rounds} interleaved rounds "
+          f"({rounds if q else max(rounds, 9)} for sampling); "
           f"assignment: {res['assignment_backend']}\n")
     print("| figure | contestant | min | median | max | × reference: median of paired ratios [min, max] "
           "| × reference: ratio of minima | reference |")
