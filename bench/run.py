@@ -251,6 +251,8 @@ def assignment_compare(sizes, rounds):
         times, _ = interleave(contestants, rounds if n <= 1024 else 1, {k: 1 for k in contestants}, floor=None)
         costs = {k: float(c64[np.arange(n), p].sum()) for k, p in plans.items()}
         best = min(costs.values())
+        if abs(costs["cfmlib"] - best) > 1e-9 * best:  # a fast wrong plan would make the timing meaningless
+            raise AssertionError(f"cfmlib's plan at n={n} costs {costs['cfmlib']}, the best plan {best}")
         out[n] = {k: dict(min=min(t), median=statistics.median(t), max=max(t), cost=costs[k],
                           optimal=abs(costs[k] - best) <= 1e-9 * best) for k, t in times.items()}
     return out

@@ -61,10 +61,7 @@ def _assignment(cost: torch.Tensor) -> torch.Tensor:
     optimum as :func:`scipy.optimize.linear_sum_assignment`, several times faster on minibatches)."""
     from ._assignment import assignment
 
-    c = cost.detach().cpu()
-    if c.dtype not in (torch.float32, torch.float64):
-        c = c.double()
-    return torch.from_numpy(assignment(c.contiguous().numpy()))
+    return torch.from_numpy(assignment(cost))
 
 
 def ot_permutation(x0: torch.Tensor, x1: torch.Tensor, labels0: torch.Tensor | None = None,
