@@ -8,10 +8,14 @@ r"""Distances between sample sets, likelihood units and path straightness (chapt
   Gaussian kernels.
 * :func:`bits_per_dim` -- negative log-likelihood in nats converted to bits per dimension.
 * :func:`straightness` -- how far a trajectory's velocity strays from its chord.
+* :func:`data_band`, :class:`Band`, :func:`compare_runs` -- a distance between two sample sets
+  is itself a random number: the band of the same distance between two independent draws of
+  the data, and a comparison of models over seeds that claims only what the spread allows.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +24,8 @@ from scipy.spatial.distance import cdist
 
 from . import _checks
 
-__all__ = ["w2", "mmd", "bits_per_dim", "straightness"]
+__all__ = ["w2", "mmd", "bits_per_dim", "straightness", "data_band", "Band", "BandVerdict", "compare_runs",
+           "RunComparison", "METRICS"]
 
 
 def _two_sets(a, b):
@@ -114,3 +119,193 @@ def straightness(trajectory: torch.Tensor, times: torch.Tensor | None = None) ->
     dev = (vel - chord[None]).flatten(2).pow(2).sum(-1)  # (steps, batch)
     dev = (dev * h[:, None]).sum(0) / span  # time average per trajectory, (batch,)
     return float(dev.mean())
+
+
+#: The sample distances that :func:`data_band` knows by name.
+METRICS = {"w2": w2, "mmd": mmd}
+
+
+def _metric(metric):
+    if callable(metric):
+        return getattr(metric, "__name__", "distance"), metric
+    _checks.choice("metric", metric, METRICS)
+    return metric, METRICS[metric]
+
+
+def _values(name, values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values]
+    if not isinstance(values, (list, tuple, np.ndarray)) or len(values) == 0:
+        raise TypeError(f"{name} must be a number or a non-empty sequence of numbers, got {_checks.describe(values)}")
+    out = np.asarray(values, dtype=float).reshape(-1)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{name} contains NaN or infinite values: {out.tolist()}")
+    return out
+
+
+@dataclass(frozen=True)
+class BandVerdict:
+    """How model distances (one per seed) sit against a :class:`Band`: their ``mean`` and ``std``
+    over seeds, how many lie ``below``, ``inside`` and ``above`` the band, and a one-word ``verdict``:
+    ``'indistinguishable'`` (every value inside the band), ``'worse'`` (every value above it),
+    ``'below'`` (every value below it: chance, or samples that copy the training set) or ``'mixed'``."""
+
+    mean: float
+    std: float
+    below: int
+    inside: int
+    above: int
+    verdict: str
+
+    def __str__(self) -> str:
+        n = self.below + self.inside + self.above
+        spread = f" ± {self.std:.3g} over {n} seeds" if n > 1 else ""
+        return (f"{self.mean:.3g}{spread}: {self.verdict} ({self.inside} of {n} inside the band, "
+                f"{self.above} above, {self.below} below)")
+
+
+@dataclass(frozen=True)
+class Band:
+    r"""The sampling distribution of a distance between two independent draws of ``n`` data points.
+
+    ``values`` holds the distance for each of ``repeats`` pairs of draws. A model whose samples had
+    exactly the data's distribution would give a distance (to ``n`` data points) drawn from this same
+    distribution, so the band ``[lo, hi]`` (the smallest and largest of the repeats) is the range
+    within which a model cannot be told apart from the data at this sample size; a single such
+    model lands above ``hi`` with probability about ``1 / (repeats + 1)``.
+    """
+
+    metric: str
+    n: int
+    values: tuple
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+    @property
+    def lo(self) -> float:
+        return float(np.min(self.values))
+
+    @property
+    def hi(self) -> float:
+        return float(np.max(self.values))
+
+    def compare(self, values) -> BandVerdict:
+        """Place one model distance, or one per seed, against the band (see :class:`BandVerdict`)."""
+        v = _values("values", values)
+        below, above = int((v < self.lo).sum()), int((v > self.hi).sum())
+        inside = v.size - below - above
+        if inside == v.size:
+            verdict = "indistinguishable"
+        elif above == v.size:
+            verdict = "worse"
+        elif below == v.size:
+            verdict = "below"
+        else:
+            verdict = "mixed"
+        std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+        return BandVerdict(float(v.mean()), std, below, inside, above, verdict)
+
+    def __str__(self) -> str:
+        return (f"{self.metric} between two data draws of n = {self.n}: {self.mean:.3g} ± {self.std:.3g} "
+                f"(band {self.lo:.3g} to {self.hi:.3g} over {len(self.values)} repeats)")
+
+
+def data_band(data, n: int, *, metric="w2", repeats: int = 20, generator: torch.Generator | None = None) -> Band:
+    r"""The band of a sample distance between two independent draws of ``n`` data points.
+
+    Args:
+        data: a sampler called as ``data(n, generator=g)`` (every :mod:`cfmlib.datasets` toy), or a
+            tensor ``(N, D)`` with ``N >= 2 n``, from which two disjoint random subsets are drawn.
+        n: the sample size, the same as the model samples it will be compared with.
+        metric: ``'w2'``, ``'mmd'`` or a function ``metric(a, b) -> float``.
+        repeats: how many independent pairs of draws.
+        generator: the random generator of the draws (seeded bands).
+
+    Returns:
+        a :class:`Band`; ``band.compare(d)`` places a model's distance ``d`` (or one per seed) against it.
+    """
+    _checks.positive_int("n", n)
+    _checks.positive_int("repeats", repeats)
+    _checks.generator("generator", generator)
+    if repeats < 2:
+        raise ValueError(f"repeats must be at least 2 to have a spread, got {repeats}")
+    name, fn = _metric(metric)
+    if isinstance(data, torch.Tensor):
+        _checks.tensor("data", data, ndim=2)
+        if data.shape[0] < 2 * n:
+            raise ValueError(f"data holds {data.shape[0]} points, fewer than the 2 n = {2 * n} that two disjoint "
+                             f"draws need; use a smaller n or pass a sampler")
+
+        def draw(g):
+            idx = torch.randperm(data.shape[0], generator=g)[: 2 * n].to(data.device)
+            return data[idx[:n]], data[idx[n:]]
+    elif callable(data):
+        def draw(g):
+            a, b = data(n, generator=g), data(n, generator=g)
+            for k, x in (("a", a), ("b", b)):
+                if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != n:
+                    raise ValueError(f"data(n, generator=g) must return a tensor of shape (n, D) = ({n}, D), "
+                                     f"got {_checks.describe(x)}")
+            return a, b
+    else:
+        raise TypeError(f"data must be a sampler data(n, generator=g) or a tensor (N, D), got {_checks.describe(data)}")
+    values = []
+    for _ in range(repeats):
+        a, b = draw(generator)
+        values.append(float(fn(a, b)))
+    return Band(name, n, tuple(values))
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """Two methods' distances over seeds: means, standard deviations, the difference of the means
+    ``a - b`` with its standard error, and ``verdict``: ``'a lower'``, ``'b lower'`` (the difference
+    exceeds ``z`` standard errors) or ``'no clear difference'``."""
+
+    mean_a: float
+    std_a: float
+    mean_b: float
+    std_b: float
+    diff: float
+    se: float
+    verdict: str
+    names: tuple = ("a", "b")
+
+    def __str__(self) -> str:
+        a, b = self.names
+        verdict = self.verdict.replace("a lower", f"{a} lower").replace("b lower", f"{b} lower")
+        return (f"{a}: {self.mean_a:.3g} ± {self.std_a:.3g}, {b}: {self.mean_b:.3g} ± {self.std_b:.3g}; "
+                f"difference {self.diff:+.3g} ± {self.se:.2g} (s.e.): {verdict}")
+
+
+def compare_runs(a, b, *, z: float = 2.0, names=("a", "b")) -> RunComparison:
+    r"""Compare two methods by a distance measured over several seeds each (lower is better).
+
+    The difference of the means is called real only when it exceeds ``z`` times its standard error
+    :math:`\sqrt{s_a^2/n_a + s_b^2/n_b}` (Welch); with fewer than two seeds per method nothing is claimed.
+    """
+    va, vb = _values("a", a), _values("b", b)
+    _checks.number("z", z, lo=0.0, lo_open=True)
+    if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(x, str) for x in names)):
+        raise TypeError(f"names must be two strings, got {_checks.describe(names)}")
+    sa = float(np.std(va, ddof=1)) if va.size > 1 else float("nan")
+    sb = float(np.std(vb, ddof=1)) if vb.size > 1 else float("nan")
+    diff = float(va.mean() - vb.mean())
+    se = math.sqrt(sa**2 / va.size + sb**2 / vb.size) if va.size > 1 and vb.size > 1 else float("nan")
+    if not math.isfinite(se):
+        verdict = "no clear difference"
+    elif diff < -z * se:
+        verdict = "a lower"
+    elif diff > z * se:
+        verdict = "b lower"
+    else:
+        verdict = "no clear difference"
+    return RunComparison(float(va.mean()), sa, float(vb.mean()), sb, diff, se, verdict, tuple(names))
