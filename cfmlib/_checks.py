@@ -22,7 +22,8 @@ def describe(x) -> str:
 
 def tensor(name: str, x, *, ndim: int | Iterable[int] | None = None, finite: bool = True,
            floating: bool = True) -> torch.Tensor:
-    """Check that ``x`` is a (floating, finite) tensor with the given number of dimensions."""
+    """Check that ``x`` is a (floating, finite) tensor with the given number of dimensions
+    (``finite=False`` skips the check that reads the values)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {describe(x)}")
     if ndim is not None:
@@ -51,11 +52,34 @@ def same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on the same device, got {listing}; move them with .to(device)")
 
 
+_value_calls: dict = {}
+
+
+def values_due(key: str, x: torch.Tensor) -> bool:
+    """Whether the value checks (NaN, infinity, range) of the function ``key`` run on this call.
+
+    Shape, dtype and device checks are free and run on every call.  Checking *values* reads them on
+    the host: free for CPU tensors, which are checked on every call, but a synchronisation for
+    tensors on an accelerator, which are therefore checked on calls 1, 2, 4, 8, ... of each function,
+    so that a training loop on a GPU does not wait for the device at every step.  Input that is wrong
+    from the start is caught on the first call either way.
+    """
+    kind = x.device.type
+    if kind == "cpu":
+        return True
+    if kind == "meta":
+        return False
+    n = _value_calls.get(key, 0) + 1
+    _value_calls[key] = n
+    return n & (n - 1) == 0
+
+
 def time(name: str, t, batch: int | None = None, *, like: torch.Tensor | None = None,
-         lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+         lo: float = 0.0, hi: float = 1.0, values: bool = True) -> torch.Tensor:
     """Normalise a time argument to a tensor of shape ``(batch,)`` and check its range.
 
     Accepts a Python number, a 0-d tensor, a ``(batch,)`` or a ``(batch, 1)`` tensor.
+    ``values=False`` skips the checks that read the values (see :func:`values_due`).
     """
     if isinstance(t, bool) or not isinstance(t, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a number or a tensor of shape (batch,) or (batch, 1), got {describe(t)}")
@@ -79,7 +103,7 @@ def time(name: str, t, batch: int | None = None, *, like: torch.Tensor | None = 
         elif t.shape[0] != batch:
             raise ValueError(f"{name} has {t.shape[0]} entries but the batch has {batch}; "
                              f"pass one time per sample or a scalar")
-    if t.device.type == "meta":  # no values to check (devices are compared by the caller)
+    if t.device.type == "meta" or not values:  # meta: no values (devices are compared by the caller)
         return t
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -192,3 +216,13 @@ def shape(name: str, s) -> tuple:
     if any(d < 0 for d in s):
         raise ValueError(f"{name} must have non-negative sizes, got {tuple(s)}")
     return tuple(s)
+
+
+def same_dtype(**tensors: torch.Tensor) -> None:
+    """Floating tensors that meet in one computation must share a dtype (float32 data and a float64
+    path are fine elsewhere; here mixing would silently promote or fail deep inside torch)."""
+    dtypes = {k: v.dtype for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{k} is {d}" for k, d in dtypes.items())
+        raise TypeError(f"tensors must have the same dtype, got {listing}; convert with .to(dtype) "
+                        f"(e.g. .float() for data from NumPy, which is float64)")

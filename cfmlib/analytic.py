@@ -25,6 +25,7 @@ import math
 import torch
 
 from . import _checks
+from .likelihood import divergence
 from .paths import AffinePath, get_path
 
 __all__ = ["GaussianMixture", "EmpiricalDistribution", "Marginal", "continuity_residual"]
@@ -136,7 +137,7 @@ class Marginal:
     :func:`cfmlib.solvers.odeint` as the field.  ``x``: ``(batch, D)``; ``t``: number or ``(batch,)``.
     """
 
-    def __init__(self, q: GaussianMixture, path="ot"):
+    def __init__(self, q: GaussianMixture, path="condot"):
         if not isinstance(q, GaussianMixture):
             raise TypeError(f"q must be a GaussianMixture or EmpiricalDistribution, got {_checks.describe(q)}")
         self.q, self.path = q, get_path(path)
@@ -175,13 +176,17 @@ class Marginal:
         return -(g * diff / var).sum(1)
 
     def field(self, x: torch.Tensor, t) -> torch.Tensor:
-        r"""The marginal field :math:`u_t(x)` of Theorem 1, shape ``(batch, D)``."""
+        r"""The marginal field :math:`u_t(x)` of Theorem 1, shape ``(batch, D)``.
+
+        The noise term is written :math:`\dot\sigma_t \hat x_{0,k} = \sigma_t\dot\sigma_t (x - \alpha_t m_k)/v_k`
+        with :math:`\sigma_t\dot\sigma_t` from :meth:`~cfmlib.paths.AffinePath.sigma_d_sigma`, so the field
+        is finite where it has a finite limit (the VP path at ``t = 1``, where :math:`\dot\sigma_t` alone is infinite).
+        """
         tb, a, s, tau, var, diff, logits = self._parts(x, t)
-        da, ds = self.path.d_alpha(tb)[:, None, None], self.path.d_sigma(tb)[:, None, None]
+        da, sds = self.path.d_alpha(tb)[:, None, None], self.path.sigma_d_sigma(tb)[:, None, None]
         g = torch.softmax(logits, dim=1)[..., None]
         x1_hat = self.q.means[None].to(x.dtype) + a * tau**2 * diff / var
-        x0_hat = s * diff / var
-        return (g * (da * x1_hat + ds * x0_hat)).sum(1)
+        return (g * (da * x1_hat + sds * diff / var)).sum(1)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         return self.field(x, t)
@@ -216,8 +221,6 @@ def continuity_residual(log_prob_fn, field_fn, x: torch.Tensor, t, *, log_space:
         raise TypeError(f"field_fn must be callable as field_fn(x, t), got {_checks.describe(field_fn)}")
     _checks.tensor("x", x, ndim=2)
     t = _checks.time("t", t, x.shape[0], like=x)
-    from .likelihood import divergence
-
     with torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         tg = t.detach().clone().requires_grad_(True)

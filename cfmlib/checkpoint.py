@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from . import _checks
+from .errors import CheckpointError
+from .models import MODELS, build_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_config"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_config", "CheckpointError"]
 
 _PLAIN = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -47,7 +49,16 @@ def save_checkpoint(path, state: dict) -> Path:
         raise TypeError(f"path must be a str or os.PathLike, got {_checks.describe(path)}")
     _check_plain(state, "state")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CheckpointError(f"cannot write the checkpoint {path}: it is a folder; give a file path inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise CheckpointError(f"cannot write the checkpoint {path}: a part of its folder {path.parent} "
+                              f"is a file, not a folder") from exc
+    except PermissionError as exc:
+        raise CheckpointError(f"cannot write the checkpoint {path}: no permission to create its folder "
+                              f"{path.parent}") from exc
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -66,12 +77,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``; tensors land on ``map_location`` (default CPU)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {_checks.describe(path)}")
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the file inside it")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        where = Path(path).parent
+        why = "" if where.is_dir() else f" (its folder {where} does not exist either)"
+        raise FileNotFoundError(f"no checkpoint at {path}{why}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors are long and cryptic; say what it means
-        raise ValueError(f"{path} is not a readable cfmlib checkpoint ({type(exc).__name__}: "
+        raise CheckpointError(f"{path} is not a readable cfmlib checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]})") from exc
 
 
@@ -82,18 +97,27 @@ def check_config(expected: dict, found: dict, what: str = "model") -> None:
     keys = sorted(set(expected) | set(found))
     diffs = [f"{k}: checkpoint has {found.get(k)!r}, {what} has {expected.get(k)!r}"
              for k in keys if expected.get(k) != found.get(k)]
-    raise ValueError(f"checkpoint was written for a different {what} configuration ("
+    raise CheckpointError(f"checkpoint was written for a different {what} configuration ("
                      + "; ".join(diffs) + "); build the model with the checkpoint's config "
                      "(cfmlib.checkpoint.load_model) or start from a fresh checkpoint path")
 
 
 def load_model(path, *, ema: bool = True, map_location="cpu"):
     """Rebuild the model stored in a training checkpoint (its EMA weights by default)."""
-    from .models import build_model
-
     ckpt = load_checkpoint(path, map_location=map_location)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} has no model configuration; was it written by cfmlib.training.train?")
-    model = build_model(dict(ckpt["config"]))
-    model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no 'model' entry); it was not written by "
+                              f"cfmlib.training.train")
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or config.get("kind") not in MODELS:
+        kind = config.get("kind") if isinstance(config, dict) else None
+        raise CheckpointError(f"{path} holds a model that cfmlib cannot rebuild (config {config!r}; kind {kind!r} "
+                              f"is not one of {', '.join(MODELS)}); build the model yourself and load "
+                              f"load_checkpoint(path)['ema'] into it with load_state_dict")
+    model = build_model(dict(config))
+    try:
+        model.load_state_dict(ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored config "
+                              f"({str(exc).strip().splitlines()[0][:200]})") from exc
     return model.to(map_location)

@@ -15,18 +15,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _checks
+from . import _assignment, _checks
+from .models import data_shape
+from .paths import get_path
+from .solvers import sample
 
-__all__ = ["COUPLINGS", "independent", "ot_permutation", "ot_pair", "pair", "sq_cost", "is_permutation",
-           "reflow_pairs"]
-
-#: Names of the couplings that :func:`pair` and :func:`cfmlib.training.train` accept.
-COUPLINGS = ("independent", "ot")
+__all__ = ["Coupling", "IndependentCoupling", "ExactOTCoupling", "COUPLINGS", "get_coupling", "independent",
+           "ot_permutation", "ot_pair", "pair", "sq_cost", "is_permutation", "reflow_pairs"]
 
 
-def _check_batches(x0, x1):
-    _checks.tensor("x0", x0)
-    _checks.tensor("x1", x1)
+def _check_batches(x0, x1, check_values=True):
+    _checks.tensor("x0", x0, finite=check_values)
+    _checks.tensor("x1", x1, finite=check_values)
     if x0.ndim < 2:
         raise ValueError(f"x0 must be batched with shape (batch, ...), got shape {tuple(x0.shape)}")
     _checks.same_shape("x0", x0, "x1", x1)
@@ -41,40 +41,102 @@ def sq_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x0 and x1 must be batches (n, ...) and (m, ...) of samples of the same shape, "
                          f"got shapes {tuple(x0.shape)} and {tuple(x1.shape)}")
     _checks.same_device(x0=x0, x1=x1)
-    return _sq_cost(x0, x1)
+    return _cost(x0, x1)
 
 
-def _sq_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """:func:`sq_cost` without argument checks."""
+def _cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x0.flatten(1), x1.flatten(1)).pow(2)
 
 
-def _ot_permutation(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """:func:`ot_permutation` (no labels) without argument checks, for the training loop, which
-    builds its batches itself and validates its data once, before the first step."""
-    return _assignment(_sq_cost(x1, x0)).to(x0.device)
+def _solve(cost: torch.Tensor) -> torch.Tensor:
+    """Row ``i`` of ``cost`` is matched to column ``col[i]``: an exact minimum-cost assignment."""
+    return torch.from_numpy(_assignment.assignment(cost))
 
 
-def _assignment(cost: torch.Tensor) -> torch.Tensor:
-    """Row ``i`` of ``cost`` is matched to column ``col[i]``: an exact minimum-cost assignment
-    (shortest augmenting paths warm-started by an auction, ``cfmlib._assignment``; the same
-    optimum as :func:`scipy.optimize.linear_sum_assignment`, several times faster on minibatches)."""
-    from ._assignment import assignment
+class Coupling:
+    r"""A coupling pairs a batch of source points with a batch of data of the same size.
 
-    return torch.from_numpy(assignment(cost))
+    A subclass implements :meth:`indices`; everything else (argument checks, the path's source
+    scale, reordering) is done here once.  Register a new coupling in :data:`COUPLINGS` to make it
+    available by name to :func:`pair` and :func:`cfmlib.training.train`.
+    """
+
+    name = "coupling"
+
+    def indices(self, source: torch.Tensor, x1: torch.Tensor):
+        """Index tensors ``(i0, i1)`` such that ``(source[i0], x1[i1])`` are the pairs; ``None`` keeps the
+        order of that side. Called without argument checks (:meth:`pair` checks), possibly in a
+        background thread (:class:`cfmlib.training.Batches`), so it must not use a shared generator."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def pair(self, x0: torch.Tensor, x1: torch.Tensor, *, path=None, check: bool = True):
+        r"""Return the coupled batch ``(x0', x1')``.
+
+        ``x0`` are source points; with ``path`` given they are the path's noise (for a Gaussian path,
+        standard-normal :math:`x_0` whose source point is :math:`\sigma_0 x_0`), and the coupling is
+        computed between the source points and the data, as training does.  ``check=False`` skips the
+        argument checks, for a loop that has validated its data already.
+        """
+        if check:
+            _check_batches(x0, x1)
+        src = x0 if path is None else get_path(path).coupling_source(x0)
+        i0, i1 = self.indices(src, x1)
+        return (x0 if i0 is None else x0[i0]), (x1 if i1 is None else x1[i1])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class IndependentCoupling(Coupling):
+    """The independent coupling (I-CFM): pairs in the order they were drawn."""
+
+    name = "independent"
+
+    def indices(self, source, x1):
+        return None, None
+
+
+class ExactOTCoupling(Coupling):
+    r"""The exact minibatch optimal-transport coupling (OT-CFM, Tong et al., 2024; chapter 8):
+    the permutation :math:`\pi` minimising :math:`\sum_i \lVert x_0^{\pi(i)} - x_1^i\rVert^2`,
+    solved exactly (:mod:`cfmlib._assignment`)."""
+
+    name = "ot"
+
+    def indices(self, source, x1):
+        return _solve(_cost(x1, source)).to(source.device), None
+
+
+#: The couplings known by name to :func:`get_coupling`, :func:`pair` and ``train(coupling=...)``.
+COUPLINGS = {"independent": IndependentCoupling, "ot": ExactOTCoupling}
+
+
+def get_coupling(coupling="independent") -> Coupling:
+    """A coupling object from a name in :data:`COUPLINGS` (``'independent'``, ``'ot'``), or a
+    :class:`Coupling` passed through unchanged."""
+    if isinstance(coupling, Coupling):
+        return coupling
+    if coupling == "condot":
+        raise ValueError("'condot' is a probability path (path='condot'); the minibatch optimal-transport "
+                         "coupling is coupling='ot'")
+    _checks.choice("coupling", coupling, COUPLINGS)
+    return COUPLINGS[coupling]()
 
 
 def ot_permutation(x0: torch.Tensor, x1: torch.Tensor, labels0: torch.Tensor | None = None,
-                   labels1: torch.Tensor | None = None) -> torch.Tensor:
+                   labels1: torch.Tensor | None = None, *, path=None) -> torch.Tensor:
     r"""The exact minibatch OT plan as a permutation ``perm`` (a ``(batch,)`` long tensor):
     ``x0[perm[i]]`` is the noise sample matched to ``x1[i]``.
 
-    With ``labels0`` and ``labels1`` given (label-aware coupling), samples are only matched
-    within the same label; each label must then occur equally often in both batches.
+    With ``path`` given, ``x0`` is the path's noise and the source points :math:`\sigma_0 x_0` are
+    matched (see :meth:`Coupling.pair`).  With ``labels0`` and ``labels1`` given (label-aware
+    coupling), samples are only matched within the same label; each label must then occur equally
+    often in both batches.
     """
     _check_batches(x0, x1)
     n = x0.shape[0]
-    cost = _sq_cost(x1, x0)  # rows: data, columns: noise
+    src = x0 if path is None else get_path(path).coupling_source(x0)
+    cost = _cost(x1, src)  # rows: data, columns: noise
     if labels0 is not None or labels1 is not None:
         if labels0 is None or labels1 is None:
             raise ValueError("pass both labels0 and labels1 for a label-aware coupling, or neither")
@@ -85,28 +147,25 @@ def ot_permutation(x0: torch.Tensor, x1: torch.Tensor, labels0: torch.Tensor | N
             raise ValueError("labels0 and labels1 must contain each label equally often for a label-aware coupling")
         mismatch = labels1.reshape(-1, 1).to(cost.device) != labels0.reshape(1, -1).to(cost.device)
         cost = cost.masked_fill(mismatch, float(cost.max()) * 2 * n + 1.0)
-    perm = _assignment(cost)
-    return perm.to(x0.device)
+    return _solve(cost).to(x0.device)
 
 
 def independent(x0: torch.Tensor, x1: torch.Tensor):
     """The independent coupling: return ``(x0, x1)`` unchanged."""
-    _check_batches(x0, x1)
-    return x0, x1
+    return IndependentCoupling().pair(x0, x1)
 
 
-def ot_pair(x0: torch.Tensor, x1: torch.Tensor):
-    """Reorder ``x0`` by the exact minibatch OT plan; return ``(x0[perm], x1)``."""
-    perm = ot_permutation(x0, x1)
-    return x0[perm], x1
+def ot_pair(x0: torch.Tensor, x1: torch.Tensor, *, path=None):
+    r"""Reorder ``x0`` by the exact minibatch OT plan; return ``(x0[perm], x1)``.
+
+    Pass ``path`` when ``x0`` is a path's noise rather than its source points (the VE path's source is
+    :math:`\sigma_{\max} x_0`): the plan is then computed between source points and data."""
+    return ExactOTCoupling().pair(x0, x1, path=path)
 
 
-def pair(coupling: str, x0: torch.Tensor, x1: torch.Tensor):
-    """Apply a coupling by name (one of :data:`COUPLINGS`) and return ``(x0, x1)``."""
-    _checks.choice("coupling", coupling, COUPLINGS)
-    if coupling == "independent":
-        return independent(x0, x1)
-    return ot_pair(x0, x1)
+def pair(coupling, x0: torch.Tensor, x1: torch.Tensor, *, path=None):
+    """Apply a coupling (a name in :data:`COUPLINGS` or a :class:`Coupling`) and return ``(x0, x1)``."""
+    return get_coupling(coupling).pair(x0, x1, path=path)
 
 
 def is_permutation(perm: torch.Tensor, n: int) -> bool:
@@ -120,7 +179,7 @@ def is_permutation(perm: torch.Tensor, n: int) -> bool:
 
 
 @torch.no_grad()
-def reflow_pairs(model, n: int, *, path="ot", method: str = "rk4", steps: int = 50,
+def reflow_pairs(model, n: int, *, path="condot", method: str = "rk4", steps: int = 50,
                  generator: torch.Generator | None = None, device=None, batch_size: int = 4096, **kwargs):
     r"""Pairs for one round of reflow (rectified flow, Liu et al. 2023; chapter 8).
 
@@ -145,20 +204,17 @@ def reflow_pairs(model, n: int, *, path="ot", method: str = "rk4", steps: int = 
         ``x0`` is the standard-normal noise of the path (the flow starts at
         ``path.source_scale * x0``), so the pairs can go straight to ``train(pairs=...)``.
     """
-    from .paths import get_path
-    from .solvers import _data_shape, sample
-
     _checks.positive_int("n", n)
     _checks.positive_int("batch_size", batch_size)
     _checks.generator("generator", generator)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {_checks.describe(model)}")
     path = get_path(path)
-    shape = _data_shape(model)
+    shape = data_shape(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gen_dev = generator.device if generator is not None else dev
     x0 = torch.randn((n, *shape), generator=generator, device=gen_dev).to(dev)
-    start = path.source_scale * x0  # the source point of the flow; 1.0 for the OT path
+    start = path.coupling_source(x0)  # the source point of the flow: sigma_0 x0
     x1 = torch.cat([sample(model, x0=chunk, path=path, method=method, steps=steps, **kwargs).x
                     for chunk in start.split(batch_size)])
     return x0, x1

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .training import NonFiniteLossError
+from .training import LossMonitor, draw_data
 
 __all__ = ["AffineCoupling", "AffineCouplingFlow", "train_flow"]
 
@@ -181,6 +181,7 @@ def train_flow(flow: AffineCouplingFlow, data, *, steps: int = 2000, batch_size:
     p = next(flow.parameters())
     if isinstance(data, torch.Tensor):
         flow._check("data", data)
+        _checks.module_dtype("flow", flow, data=data)
         data = data.to(p.device)
     elif not callable(data):
         raise TypeError(f"data must be a sampler called as data(n, generator=...) or a tensor (N, {flow.dim}), "
@@ -188,38 +189,25 @@ def train_flow(flow: AffineCouplingFlow, data, *, steps: int = 2000, batch_size:
     gen = torch.Generator(device=p.device).manual_seed(seed)
     opt = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="train_flow")
-        except ImportError:  # progress is a nicety, never a requirement
-            bar = None
-    history = []
+    monitor = LossMonitor(steps, device=p.device, check_every=1, progress=progress, desc="train_flow",
+                          what="the negative log-likelihood", hint="Lower lr, lower scale_bound or set grad_clip.")
     flow.train()
-    for step in range(steps):
-        if isinstance(data, torch.Tensor):
-            x = data[torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=p.device)]
-        else:
-            x = data(batch_size, generator=gen).to(device=p.device, dtype=p.dtype)
-            if step == 0:  # the sampler's output, checked once (not every step)
+    try:
+        for step in range(steps):
+            x, _ = draw_data(data, batch_size, gen, p.device)
+            if step == 0 and not isinstance(data, torch.Tensor):  # the sampler's output, checked once
                 flow._check("data", x)
-        loss = -flow._log_prob(x).mean()  # tensor data was checked once, before the loop
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(f"the negative log-likelihood became {loss.item()} at step {step}; "
-                                     f"lower lr, lower scale_bound or set grad_clip")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(flow.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        history.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(nll=f"{history[-1]:.3f}")
-    if bar is not None:
-        bar.close()
+                _checks.module_dtype("flow", flow, data=x)
+            loss = -flow._log_prob(x).mean()  # tensor data was checked once, before the loop
+            monitor.record(step, loss.detach())  # stops on NaN before the step is taken
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(flow.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+    finally:
+        monitor.close()
+    history = monitor.history.cpu().tolist()
     flow.eval()
     return history

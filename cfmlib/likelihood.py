@@ -23,6 +23,7 @@ import torch
 from . import _checks
 from .paths import get_path
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, integrate
+from .training import LossMonitor, draw_data
 
 __all__ = ["divergence", "log_prob", "sample_with_log_prob", "LogProbResult", "gaussian_log_prob",
            "train_cnf"]
@@ -133,6 +134,7 @@ def _check_solve(v, x, method, steps, divergence_method, n_probes, atol, rtol, g
         _checks.number("rtol", rtol, lo=0.0, lo_open=True)
     _checks.generator("generator", generator)
     _checks.module_device("model", v, x=x)
+    _checks.module_dtype("model", v, x=x)
 
 
 def _probes(x, divergence_method, n_probes, generator):
@@ -143,7 +145,7 @@ def _probes(x, divergence_method, n_probes, generator):
     return (r * 2 - 1).to(device=x.device, dtype=x.dtype)
 
 
-def log_prob(v, x1: torch.Tensor, *, path="ot", method: str = "dopri5", steps: int = 100, atol: float = 1e-5,
+def log_prob(v, x1: torch.Tensor, *, path="condot", method: str = "dopri5", steps: int = 100, atol: float = 1e-5,
              rtol: float = 1e-5, divergence: str = "exact", n_probes: int = 1,
              generator: torch.Generator | None = None, create_graph: bool = False, **kwargs) -> LogProbResult:
     r""":math:`\log p_1(x_1)` under the flow of ``v`` with source :math:`N(0, \sigma_0^2 I)` of ``path``.
@@ -169,7 +171,7 @@ def log_prob(v, x1: torch.Tensor, *, path="ot", method: str = "dopri5", steps: i
     return LogProbResult(gaussian_log_prob(x0, path.source_scale) + ell0, x0, x1, sol.nfe)
 
 
-def sample_with_log_prob(v, x0: torch.Tensor, *, path="ot", method: str = "dopri5", steps: int = 100,
+def sample_with_log_prob(v, x0: torch.Tensor, *, path="condot", method: str = "dopri5", steps: int = 100,
                          atol: float = 1e-5, rtol: float = 1e-5, divergence: str = "exact", n_probes: int = 1,
                          generator: torch.Generator | None = None, **kwargs) -> LogProbResult:
     r"""Sample and score in the same solve: integrate forward from ``x0`` (noise) and return the
@@ -239,29 +241,26 @@ def train_cnf(model, data, *, steps: int, batch_size: int = 256, lr: float = 1e-
     device = params[0].device
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
+    monitor = LossMonitor(steps, device=device, check_every=1, progress=progress, desc="ML training",
+                          what="the maximum-likelihood loss",
+                          hint=f"Try a smaller lr (now {lr}) or more ode_steps (now {ode_steps}).")
     model.train()
-    history, nfe = [], 0
-    bar = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(bar, desc="ML training")
+    nfe = 0
     start = time.perf_counter()
-    for step in bar:
-        if isinstance(data, torch.Tensor):
-            x1 = data[torch.randint(0, data.shape[0], (batch_size,), generator=gen)]
-        else:
-            x1 = data(batch_size, generator=gen)
-        x1 = x1.to(device)
-        out = log_prob(model, x1, method=method, steps=ode_steps, divergence=divergence, generator=gen,
-                       create_graph=True)
-        loss = -out.log_prob.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"maximum-likelihood loss is {value} at step {step}; "
-                                     f"try a smaller lr (now {lr}) or more ode_steps (now {ode_steps})")
-        history.append(value)
-        nfe = out.nfe
-    return dict(history=history, nfe_per_step=int(nfe), seconds=time.perf_counter() - start)
+    try:
+        for step in range(steps):
+            x1, _ = draw_data(data, batch_size, gen)
+            if step == 0:
+                _checks.module_dtype("model", model, data=x1)
+            x1 = x1.to(device)
+            out = log_prob(model, x1, method=method, steps=ode_steps, divergence=divergence, generator=gen,
+                           create_graph=True)
+            loss = -out.log_prob.mean()
+            monitor.record(step, loss.detach())  # stops on NaN before the step is taken
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            nfe = out.nfe
+    finally:
+        monitor.close()
+    return dict(history=monitor.history.cpu().tolist(), nfe_per_step=int(nfe), seconds=time.perf_counter() - start)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _checks
 
-__all__ = ["MLP", "UNet", "CFGField", "guided", "time_as_batch", "build_model", "MODELS"]
+__all__ = ["MLP", "UNet", "CFGField", "guided", "time_as_batch", "build_model", "data_shape", "MODELS"]
 
 
 def time_as_batch(t, x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +102,21 @@ def build_model(config: dict) -> nn.Module:
     kwargs = dict(config)
     kind = _checks.choice("model kind", kwargs.pop("kind"), MODELS)
     return MODELS[kind](**kwargs)
+
+
+def data_shape(model) -> tuple:
+    """The shape of one data point of ``model`` (``(dim,)`` for an :class:`MLP`, ``(C, H, W)`` for a
+    :class:`UNet`), read from ``model.config`` (also through a ``DistributedDataParallel`` or a
+    :class:`CFGField` wrapper). Raises a ``ValueError`` when the model does not say."""
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    if cfg and "dim" in cfg:
+        return (cfg["dim"],)
+    if cfg and "image_shape" in cfg:
+        return tuple(cfg["image_shape"])
+    if cfg and "data_shape" in cfg:
+        return tuple(cfg["data_shape"])
+    raise ValueError("cannot tell the data shape of this model (it has no config with 'dim', 'image_shape' "
+                     "or 'data_shape'); pass x0 (the starting noise) instead of n")
 
 
 # --- a small U-Net for images (chapter 9) ------------------------------------------------------

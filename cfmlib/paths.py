@@ -24,7 +24,7 @@ import torch
 
 from . import _checks
 
-__all__ = ["AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path"]
+__all__ = ["ProbabilityPath", "AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path"]
 
 
 def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,48 @@ def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-class AffinePath:
+class ProbabilityPath:
+    r"""What :func:`cfmlib.training.train` needs from a path: the path decides the loss.
+
+    Every path of cfmlib is one: the Gaussian paths below, and paths on other spaces (finite state
+    spaces, manifolds) defined elsewhere.  A subclass provides
+
+    * ``t_max`` -- the largest training and sampling time (below 1 where the target blows up);
+    * :meth:`draw_x0` -- a source sample for a batch of data, in the path's own parameterisation;
+    * :meth:`coupling_source` -- the points of :math:`p_0` that a coupling pairs with the data;
+    * :meth:`loss` -- the regression loss on a batch ``(x0, x1, t)``, without argument checks;
+    * :meth:`check_batch` -- the argument checks of that loss (:func:`cfmlib.training.cfm_loss` and
+      :func:`cfmlib.training.train_step` call it);
+    * optionally :meth:`draw_t` (training times) and :meth:`check_data` (what data the path accepts).
+    """
+
+    name = "path"
+    t_max = 1.0
+
+    def draw_x0(self, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def coupling_source(self, x0: torch.Tensor) -> torch.Tensor:
+        """The source points that a coupling pairs with data (``x0`` itself unless overridden)."""
+        return x0
+
+    def draw_t(self, n: int, sampler, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+        """Training times: ``sampler``'s draws in ``[0, 1]`` scaled to ``[0, t_max]``, shape ``(n,)``."""
+        t = sampler(n, generator=generator, device=device, dtype=dtype)
+        return t * self.t_max if self.t_max != 1.0 else t
+
+    def check_data(self, name: str, x1: torch.Tensor) -> None:
+        """Raise when ``x1`` cannot be data for this path (default: a finite floating tensor)."""
+        _checks.tensor(name, x1, finite=False)
+
+    def check_batch(self, x0, x1, t, model=None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def loss(self, model, x0, x1, t, y=None, weight=None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class AffinePath(ProbabilityPath):
     r"""Base class: a Gaussian path :math:`x_t = \alpha_t x_1 + \sigma_t x_0`.
 
     Subclasses implement :meth:`alpha` and :meth:`sigma` (elementwise functions
@@ -74,6 +115,11 @@ class AffinePath:
         r""":math:`\dot\sigma_t` (autograd unless overridden)."""
         return self._derivative(self.sigma, t)
 
+    def sigma_d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sigma_t\dot\sigma_t = \tfrac12 \tfrac{d}{dt}\sigma_t^2`, finite where
+        :math:`\dot\sigma_t` alone is not (the VP path at ``t = 1``); overridden there."""
+        return self.sigma(t) * self.d_sigma(t)
+
     def schedule(self, t, like: torch.Tensor | None = None, batch: int | None = None):
         r"""Return :math:`(\alpha_t, \sigma_t, \dot\alpha_t, \dot\sigma_t)`, each of shape ``(batch,)``."""
         t = _checks.time("t", t, batch, like=like)
@@ -91,15 +137,73 @@ class AffinePath:
         _checks.generator("generator", generator)
         return self.source_scale * torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
+    # --- what training needs (ProbabilityPath) ---------------------------------
+    def draw_x0(self, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""Standard-normal noise :math:`x_0` of ``x1``'s shape, dtype and device (the source point
+        is :math:`\sigma_0 x_0`, see :meth:`coupling_source`)."""
+        return torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+
+    def coupling_source(self, x0: torch.Tensor) -> torch.Tensor:
+        r"""The source points :math:`\sigma_0 x_0` that a coupling pairs with data (``x0`` itself when
+        :math:`\sigma_0 = 1`; the VE path's source is wide)."""
+        scale = self.source_scale
+        return x0 if scale == 1.0 else scale * x0
+
+    def check_data(self, name: str, x1: torch.Tensor) -> None:
+        _checks.tensor(name, x1, finite=False)
+        if x1.ndim < 2:
+            raise ValueError(f"{name} must be batched with shape (batch, ...), got shape {tuple(x1.shape)}")
+
+    def check_batch(self, x0, x1, t, model=None) -> torch.Tensor:
+        """The checks of :func:`cfmlib.training.cfm_loss`: shapes, dtypes and devices on every call;
+        finite values and ``0 <= t <= t_max`` as :func:`cfmlib._checks.values_due` decides.
+        Returns ``t`` as a ``(batch,)`` tensor."""
+        t = self._pair(x0, x1, t, hi=self.t_max, why="the conditional target")
+        if model is not None:
+            _checks.module_device("model", model, x1=x1)
+            _checks.module_dtype("model", model, x1=x1)
+        return t
+
+    def loss(self, model, x0, x1, t, y=None, weight=None) -> torch.Tensor:
+        r"""The CFM loss on a batch, :math:`\frac1n\sum_j w_j \lVert v_\theta(x_{t_j}, t_j) - u_{t_j}(x_{t_j} \mid x_{1,j})\rVert^2`,
+        without argument checks (:func:`cfmlib.training.cfm_loss` is the checked front door).
+
+        ``t``: a ``(batch,)`` tensor; ``weight``: optional ``(batch,)`` weights :math:`w_j` (default 1).
+        The loss is computed in float32 at least (autocast may give a half-precision ``v``).
+        """
+        xt, ut = self._sample(x0, x1, t)
+        v = model(xt, t) if y is None else model(xt, t, y)
+        if v.shape != ut.shape:  # free to check, and a broadcast here would train on a wrong loss
+            raise ValueError(f"the model returned shape {tuple(v.shape)} for inputs of shape {tuple(xt.shape)}; "
+                             f"a field must return one velocity per input coordinate (the data's shape)")
+        dt = torch.promote_types(torch.promote_types(v.dtype, ut.dtype), torch.float32)
+        err = (v.to(dt) - ut.to(dt)).pow(2).flatten(1).sum(1)
+        if weight is not None:
+            err = err * weight.to(dt)
+        return err.mean()
+
     # --- checks ----------------------------------------------------------------
-    def _pair(self, x0, x1, t):
-        _checks.tensor("x0", x0)
-        _checks.tensor("x1", x1)
+    def _pair(self, x0, x1, t, hi: float = 1.0, why: str = ""):
+        _checks.tensor("x0", x0, finite=False)
+        _checks.tensor("x1", x1, finite=False)
         if x0.ndim < 2:
             raise ValueError(f"x0 must be batched with shape (batch, ...), got shape {tuple(x0.shape)}")
         _checks.same_shape("x0", x0, "x1", x1)
         _checks.same_device(x0=x0, x1=x1)
-        return _checks.time("t", t, x1.shape[0], like=x1)
+        _checks.same_dtype(x0=x0, x1=x1)
+        due = _checks.values_due(f"{type(self).__name__}.pair", x1)
+        t = _checks.time("t", t, x1.shape[0], like=x1, values=due)
+        if due:
+            for name, x in (("x0", x0), ("x1", x1)):
+                _checks.tensor(name, x)
+            self._check_t_max(t, hi, why)
+        return t
+
+    def _check_t_max(self, t, hi, why):
+        if hi < 1.0 and t.numel() and bool((t > hi).any()):
+            raise ValueError(f"t = {float(t.max()):.4g} is beyond this path's t_max = {hi:g}, where {why} is "
+                             f"infinite ({type(self).__name__}: sigma_t -> 0 with an infinite derivative); "
+                             f"draw times in [0, path.t_max]")
 
     def _point(self, x, x1, t, name="x"):
         _checks.tensor(name, x)
@@ -120,7 +224,7 @@ class AffinePath:
 
     # --- conditional flow --------------------------------------------------------
     def sample_xt(self, x0: torch.Tensor, x1: torch.Tensor, t) -> torch.Tensor:
-        r""":math:`x_t = \alpha_t x_1 + \sigma_t x_0`, shape of ``x1``."""
+        r""":math:`x_t = \alpha_t x_1 + \sigma_t x_0`, shape of ``x1`` (any ``t`` in ``[0, 1]``)."""
         t = self._pair(x0, x1, t)
         return _bc(self.alpha(t), x1) * x1 + _bc(self.sigma(t), x0) * x0
 
@@ -128,17 +232,18 @@ class AffinePath:
         r"""Conditional target :math:`u_t(x_t \mid x_1) = \dot\alpha_t x_1 + \dot\sigma_t x_0`.
 
         This is :math:`\frac{d}{dt}\psi_t(x_0 \mid x_1)`; written in ``x0`` and ``x1`` it
-        never divides by :math:`\sigma_t` (for the OT path it is ``x1 - (1 - sigma_min) x0``).
+        never divides by :math:`\sigma_t` (for the CondOT path it is ``x1 - (1 - sigma_min) x0``).
+        Needs ``t <= t_max``.
         """
-        t = self._pair(x0, x1, t)
+        t = self._pair(x0, x1, t, hi=self.t_max, why="the conditional target")
         return _bc(self.d_alpha(t), x1) * x1 + _bc(self.d_sigma(t), x0) * x0
 
     def sample(self, x0: torch.Tensor, x1: torch.Tensor, t):
-        """Return ``(xt, ut)``: the point on the conditional path and its target velocity."""
-        return self._sample(x0, x1, self._pair(x0, x1, t))
+        """Return ``(xt, ut)``: the point on the conditional path and its target velocity (``t <= t_max``)."""
+        return self._sample(x0, x1, self._pair(x0, x1, t, hi=self.t_max, why="the conditional target"))
 
     def _sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
-        """:meth:`sample` without argument checks (``t`` a ``(batch,)`` tensor), for the training loop."""
+        """:meth:`sample` without argument checks (``t`` a ``(batch,)`` tensor)."""
         a, s, da, ds = self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)
         a, s, da, ds = (_bc(v, x1) for v in (a, s, da, ds))
         return a * x1 + s * x0, da * x1 + ds * x0
@@ -174,11 +279,12 @@ class AffinePath:
     # x = a x1 + s x0 and v = da x1 + ds x0 form a 2x2 linear system in (x1, x0)
     # whose determinant is a ds - s da.
     def _xv(self, v, x, t, vname):
-        _checks.tensor(vname, v)
-        _checks.tensor("x", x)
+        due = _checks.values_due(f"AffinePath.{vname}", x)
+        _checks.tensor(vname, v, finite=due)
+        _checks.tensor("x", x, finite=due)
         _checks.same_shape(vname, v, "x", x)
         _checks.same_device(**{vname: v, "x": x})
-        t = _checks.time("t", t, x.shape[0], like=x)
+        t = _checks.time("t", t, x.shape[0], like=x, values=due)
         return t, [_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))]
 
     def velocity_to_noise(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
@@ -191,15 +297,17 @@ class AffinePath:
         t, (a, s, da, ds) = self._xv(v, x, t, "v")
         return (ds * x - s * v) / (a * ds - s * da)
 
-    def velocity_to_score(self, v: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
-        r"""Score :math:`\nabla \log p_t(x) = -\hat x_0 / \sigma_t` from a velocity (needs :math:`\sigma_t > 0`)."""
-        t, (a, s, da, ds) = self._xv(v, x, t, "v")
-        self._nonzero("sigma_t", s.reshape(-1), t, "the score")
-        return self._velocity_to_score(v, x, t)
+    def velocity_to_score(self, v: torch.Tensor, x: torch.Tensor, t, check: bool = True) -> torch.Tensor:
+        r"""Score :math:`\nabla \log p_t(x) = -\hat x_0 / \sigma_t` from a velocity (needs :math:`\sigma_t > 0`).
 
-    def _velocity_to_score(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """:meth:`velocity_to_score` without argument checks (``t`` a ``(batch,)`` tensor), for solver loops."""
-        a, s, da, ds = (_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)))
+        ``check=False`` skips the argument checks (``t`` must then be a ``(batch,)`` tensor): for solver
+        loops such as :func:`cfmlib.solvers.sdeint`, which check their inputs once per solve."""
+        if check:
+            t, (a, s, da, ds) = self._xv(v, x, t, "v")
+            if _checks.values_due("AffinePath.velocity_to_score", x):
+                self._nonzero("sigma_t", s.reshape(-1), t, "the score")
+        else:
+            a, s, da, ds = (_bc(u, x) for u in (self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t)))
         return -(a * v - da * x) / ((a * ds - s * da) * s)
 
     def noise_to_velocity(self, eps: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
@@ -221,11 +329,11 @@ class AffinePath:
 
 
 class CondOTPath(AffinePath):
-    r"""The conditional optimal-transport path of Lipman et al. (2023):
+    r"""The conditional optimal-transport (CondOT) path of Lipman et al. (2023), named ``'condot'``:
     :math:`\alpha_t = t`, :math:`\sigma_t = 1 - (1 - \sigma_{\min}) t`;
     target :math:`u_t = x_1 - (1 - \sigma_{\min}) x_0`."""
 
-    name = "ot"
+    name = "condot"
 
     def __init__(self, sigma_min: float = 0.0):
         self.sigma_min = _checks.number("sigma_min", sigma_min, lo=0.0, hi=1.0, hi_open=True)
@@ -309,6 +417,10 @@ class VPPath(AffinePath):
         a = self.alpha(t)
         return -a * self.d_alpha(t) / self.sigma(t)
 
+    def sigma_d_sigma(self, t):
+        # sigma^2 = 1 - alpha^2, so sigma * d_sigma = -alpha * d_alpha: finite at t = 1
+        return -self.alpha(t) * self.d_alpha(t)
+
 
 class CosinePath(AffinePath):
     r"""Cosine (trigonometric) path: :math:`\alpha_t = \sin(\pi t/2)`, :math:`\sigma_t = \cos(\pi t/2)`."""
@@ -329,15 +441,22 @@ class CosinePath(AffinePath):
 
 
 #: The paths known by name to :func:`get_path` (and to every function taking ``path=``).
-PATHS = {"ot": CondOTPath, "ve": VEPath, "vp": VPPath, "cosine": CosinePath}
+PATHS = {"condot": CondOTPath, "ve": VEPath, "vp": VPPath, "cosine": CosinePath}
 
 
-def get_path(path="ot", **kwargs) -> AffinePath:
-    """Return a path object from a name in :data:`PATHS` (``'ot'``, ``'ve'``, ``'vp'``, ``'cosine'``)
-    or pass an :class:`AffinePath` through unchanged."""
-    if isinstance(path, AffinePath):
+def get_path(path="condot", **kwargs) -> ProbabilityPath:
+    """Return a path object from a name in :data:`PATHS` (``'condot'``, ``'ve'``, ``'vp'``, ``'cosine'``)
+    or pass a path object (an :class:`AffinePath` or any :class:`ProbabilityPath`) through unchanged.
+
+    The CondOT path was called ``'ot'`` before version 0.2; ``'ot'`` now names only the minibatch
+    optimal-transport *coupling* (:mod:`cfmlib.couplings`), and ``get_path('ot')`` says so.
+    """
+    if isinstance(path, ProbabilityPath):
         if kwargs:
-            raise ValueError("path is already an AffinePath object; pass its parameters to its constructor instead")
+            raise ValueError("path is already a path object; pass its parameters to its constructor instead")
         return path
+    if path == "ot":
+        raise ValueError("'ot' names the minibatch optimal-transport coupling (coupling='ot'); the conditional "
+                         "OT path is called 'condot' (path='condot', or paths.CondOTPath(sigma_min))")
     _checks.choice("path", path, PATHS)
     return PATHS[path](**kwargs)

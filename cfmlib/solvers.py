@@ -8,11 +8,16 @@ solve counts its function evaluations (NFE), the unit of sampling cost.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torchdiffeq
 
 from . import _checks
+from .device import get_device
+from .models import data_shape
+from .paths import get_path
 
 __all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "sdeint"]
 
@@ -82,8 +87,8 @@ def integrate(f, x, t0: float, t1: float, *, method: str = "euler", steps: int =
         nfe += 1
         return f(t, state)
 
-    times = torch.linspace(t0, t1, steps + 1, dtype=ref.dtype, device=ref.device)
     if method in FIXED_METHODS:
+        times = torch.linspace(t0, t1, steps + 1, dtype=ref.dtype, device=ref.device)
         h = (t1 - t0) / steps
         states = [x] if trajectory else None
         for i in range(steps):
@@ -92,10 +97,16 @@ def integrate(f, x, t0: float, t1: float, *, method: str = "euler", steps: int =
                 states.append(x)
         return Solution(x, nfe, _stack(states) if trajectory else None, times if trajectory else None)
 
-    import torchdiffeq
-
-    grid = times if trajectory else torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device)
-    out = torchdiffeq.odeint(counted, x, grid, method=method, atol=atol, rtol=rtol)
+    # Adaptive steps must never leave [t0, t1]: torchdiffeq would otherwise step past t1 and
+    # interpolate back, evaluating the field where it may be undefined (or, for a network, where it
+    # was never trained).  `step_t=[t1]` makes the step that would cross t1 end exactly on it.  The
+    # only other evaluation outside is the probe of the initial step-size heuristic (a guess of the
+    # step size, not part of the solution); clamping its time keeps the field inside the interval.
+    lo, hi = min(t0, t1), max(t0, t1)
+    grid = (torch.linspace(t0, t1, steps + 1, dtype=ref.dtype, device=ref.device) if trajectory
+            else torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device))
+    out = torchdiffeq.odeint(lambda t, state: counted(t.clamp(lo, hi), state), x, grid, method=method,
+                             atol=atol, rtol=rtol, options=dict(step_t=torch.tensor([t1], dtype=torch.float64)))
     last = tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
     return Solution(last, nfe, out if trajectory else None, grid if trajectory else None)
 
@@ -157,18 +168,14 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=
     ``n`` samples of the model's data shape are drawn with ``generator`` on ``device``
     (default: the model's device) when ``x0`` is not given.  Returns a :class:`Solution`.
     """
-    from .paths import get_path
-
     _checks.function("model", model)
     _checks.generator("generator", generator)
-    path = get_path("ot" if path is None else path)
+    path = get_path("condot" if path is None else path)
     if x0 is None:
         if n is None:
             raise ValueError("pass either n (the number of samples) or x0 (the starting noise)")
         _checks.positive_int("n", n)
-        shape = _data_shape(model)
-        from .device import get_device
-
+        shape = data_shape(model)
         dev = get_device(device) if device is not None else next(model.parameters()).device
         gen_dev = generator.device if generator is not None else dev
         param = next((q for q in model.parameters() if q.is_floating_point()), None) \
@@ -179,15 +186,6 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=
         raise ValueError(f"n={n} disagrees with x0's batch size {x0.shape[0]}; pass one of them")
     return odeint(model, x0, 0.0, path.t_max, method=method, steps=steps, atol=atol, rtol=rtol,
                   trajectory=trajectory, **kwargs)
-
-
-def _data_shape(model) -> tuple:
-    cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    if cfg and "dim" in cfg:
-        return (cfg["dim"],)
-    if cfg and "image_shape" in cfg:
-        return tuple(cfg["image_shape"])
-    raise ValueError("cannot tell the data shape of this model; pass x0 (the starting noise) instead of n")
 
 
 @torch.no_grad()
@@ -228,10 +226,6 @@ def sdeint(v, x: torch.Tensor, path, t0: float = 0.0, t1: float | None = None, *
     Returns:
         a :class:`Solution` (``nfe == steps``).
     """
-    import math
-
-    from .paths import get_path
-
     if not callable(v):
         raise TypeError(f"v must be callable as v(x, t), got {_checks.describe(v)}")
     _checks.tensor("x", x)
@@ -267,7 +261,7 @@ def sdeint(v, x: torch.Tensor, path, t0: float = 0.0, t1: float | None = None, *
         sig = float(path.sigma(times[i : i + 1]))
         g_eff = min(gi, sig / math.sqrt(h))
         if g_eff > 0:
-            drift = vel + 0.5 * g_eff**2 * path._velocity_to_score(vel, x, tb)
+            drift = vel + 0.5 * g_eff**2 * path.velocity_to_score(vel, x, tb, check=False)
             gen_dev = generator.device if generator is not None else x.device
             noise = torch.randn(x.shape, generator=generator, device=gen_dev, dtype=x.dtype).to(x.device)
             x = x + h * drift + g_eff * math.sqrt(h) * noise

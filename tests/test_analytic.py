@@ -13,11 +13,11 @@ from cfmlib import datasets, paths
 from cfmlib.analytic import EmpiricalDistribution, GaussianMixture, Marginal
 
 D64 = torch.float64
-PATH_NAMES = ["ot", "cosine", "vp", "ve"]
+PATH_NAMES = ["condot", "cosine", "vp", "ve"]
 
 
 def _path(name):
-    if name == "ot":
+    if name == "condot":
         return paths.CondOTPath(sigma_min=0.01)
     if name == "ve":
         return paths.VEPath(sigma_min=0.05, sigma_max=5.0)
@@ -91,14 +91,14 @@ def test_marginal_pair_satisfies_continuity_equation(name, empirical):
 
 def test_wrong_field_violates_continuity_equation():
     q = _mixture()
-    ot, cos = Marginal(q, "ot"), Marginal(q, "cosine")
+    ot, cos = Marginal(q, "condot"), Marginal(q, "cosine")
     x = _points(128, seed=6)
     t = torch.full((128,), 0.5, dtype=D64)
     res, size = _continuity_residual(ot.log_prob, cos.field, x, t)
     assert float(res.abs().max()) > 1e-2 * float(size.max())
 
 
-@pytest.mark.parametrize("name", ["ot", "cosine", "vp"])
+@pytest.mark.parametrize("name", ["condot", "cosine", "vp"])
 @pytest.mark.parametrize("t", [0.0, 0.5, 0.99])
 def test_log_prob_normalised_on_grid(name, t):
     path = _path(name)
@@ -123,7 +123,7 @@ def test_mixture_log_prob_is_marginal_at_t1_and_normalised():
                                                     - 0.5 * math.log(2 * math.pi)).sum(1))
     direct = torch.logsumexp(torch.stack(comps, 1), 1)
     assert torch.allclose(q.log_prob(x), direct, atol=1e-12)
-    assert torch.allclose(Marginal(q, "ot").log_prob(x, 1.0), direct, atol=1e-12)
+    assert torch.allclose(Marginal(q, "condot").log_prob(x, 1.0), direct, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", PATH_NAMES)
@@ -141,7 +141,7 @@ def test_score_is_autograd_gradient_of_log_prob(name):
 
 def test_posterior_is_normalised_bayes_rule():
     q = _mixture()
-    marg = Marginal(q, "ot")
+    marg = Marginal(q, "condot")
     x = _points(32, seed=9)
     post = marg.posterior(x, 0.4)
     assert torch.allclose(post.sum(1), torch.ones(32, dtype=D64), atol=1e-12)
@@ -195,11 +195,11 @@ def test_degenerate_empirical_end_raises():
 
 def test_float32_mixture_accepts_float64_points_and_checks():
     q = datasets.eight_gaussians()  # float32
-    marg = Marginal(q, "ot")
+    marg = Marginal(q, "condot")
     x = _points(10)
     assert marg.field(x, 0.5).dtype == D64
     with pytest.raises(TypeError, match="q must be"):
-        Marginal(torch.zeros(3, 2), "ot")
+        Marginal(torch.zeros(3, 2), "condot")
     with pytest.raises(ValueError, match="shape"):
         marg.field(torch.zeros(4, 3, dtype=D64), 0.5)
     with pytest.raises(ValueError):

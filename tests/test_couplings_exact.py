@@ -120,14 +120,14 @@ def _train(steps, **kw):
 
 
 def test_prefetched_coupling_draws_in_the_same_order():
-    path = training.get_path("ot")
+    path = training.get_path("condot")
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     data = datasets.get_dataset("moons")
-    pre = training._Batches(data, None, 64, path, "ot", 0.1, None, gen_a, torch.device("cpu"))
+    pre = training.Batches(data, 64, path=path, coupling="ot", generator=gen_a)
     for _ in range(4):
-        x0, x1, t, _ = pre()
-        b = training._Batches(data, None, 64, path, "independent", 0.1, None, gen_b, torch.device("cpu"))
-        rx0, rx1, rt, _ = b()
+        x0, x1, t, _ = next(pre)
+        b = training.Batches(data, 64, path=path, coupling="independent", generator=gen_b)
+        rx0, rx1, rt, _ = next(b)
         rx0 = rx0[couplings.ot_permutation(rx0, rx1)]
         assert torch.equal(x0, rx0) and torch.equal(x1, rx1) and torch.equal(t, rt)
         # between calls the generator holds the state at the step boundary

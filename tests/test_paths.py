@@ -12,8 +12,8 @@ from cfmlib.paths import PATHS, AffinePath, CondOTPath, CosinePath, VEPath, VPPa
 D64 = torch.float64
 
 ALL_PATHS = {
-    "ot": CondOTPath(),
-    "ot-smin": CondOTPath(sigma_min=0.05),
+    "condot": CondOTPath(),
+    "condot-smin": CondOTPath(sigma_min=0.05),
     "ve": VEPath(sigma_min=0.01, sigma_max=5.0),
     "vp": VPPath(),
     "cosine": CosinePath(),
@@ -48,7 +48,7 @@ def _times(path, n=7):
 def test_boundary_conditions(name):
     p = ALL_PATHS[name]
     zero, one = torch.zeros(1, dtype=D64), torch.ones(1, dtype=D64)
-    if name.startswith("ot"):
+    if name.startswith("condot"):
         assert float(p.alpha(zero)) == 0.0 and float(p.sigma(zero)) == 1.0
         assert float(p.alpha(one)) == 1.0 and math.isclose(float(p.sigma(one)), p.sigma_min)
     elif name == "ve":
@@ -78,7 +78,7 @@ def test_sample_xt_at_ends(name):
     x0, x1 = torch.randn(5, 3, generator=g, dtype=D64), torch.randn(5, 3, generator=g, dtype=D64)
     a1, s1 = p.alpha(torch.ones(1, dtype=D64)), p.sigma(torch.ones(1, dtype=D64))
     assert torch.allclose(p.sample_xt(x0, x1, 1.0), a1 * x1 + s1 * x0)
-    if name == "ot":
+    if name == "condot":
         assert torch.allclose(p.sample_xt(x0, x1, 0.0), x0)
         assert torch.allclose(p.sample_xt(x0, x1, 1.0), x1)
 
@@ -245,9 +245,9 @@ def test_bad_parameters_other_paths():
         CondOTPath(sigma_min="0.1")
     with pytest.raises(ValueError, match="unknown path"):
         get_path("nope")
-    with pytest.raises(ValueError, match="already an AffinePath"):
+    with pytest.raises(ValueError, match="already a path object"):
         get_path(CondOTPath(), sigma_min=0.1)
-    assert set(PATHS) == {"ot", "ve", "vp", "cosine"}
+    assert set(PATHS) == {"condot", "ve", "vp", "cosine"}
     assert isinstance(get_path("vp", beta_max=10.0), VPPath)
 
 

@@ -198,7 +198,7 @@ def test_run_interrupted_by_an_exception_resumes_exactly(coupling, labels, tmp_p
     reference = training.train(_model(labels=labels), _data(labels), **settings)
 
     path = tmp_path / "run.pt"
-    real_loss, calls = training._loss, []
+    real_loss, calls = paths.AffinePath.loss, []
 
     def crash_at_step_7(*args, **kwargs):
         calls.append(1)
@@ -206,10 +206,10 @@ def test_run_interrupted_by_an_exception_resumes_exactly(coupling, labels, tmp_p
             raise _Interrupt("simulated crash")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_loss", crash_at_step_7)
+    monkeypatch.setattr(paths.AffinePath, "loss", crash_at_step_7)
     with pytest.raises(_Interrupt):
         training.train(_model(labels=labels), _data(labels), checkpoint=path, checkpoint_every=4, **settings)
-    monkeypatch.setattr(training, "_loss", real_loss)
+    monkeypatch.setattr(paths.AffinePath, "loss", real_loss)
     assert torch.load(path, weights_only=True)["step"] == 4
 
     # resume into a differently initialised model: everything must come from the checkpoint
@@ -324,7 +324,7 @@ def test_fixed_step_solvers_validate_once_not_every_step(check_calls, method):
     x = torch.randn(8, 2)
     for run in (lambda n: solvers.odeint(model, x, method=method, steps=n),
                 lambda n: solvers.sample(model, 8, method=method, steps=n),
-                lambda n: solvers.sdeint(model, x, "ot", steps=n, g=0.5)):
+                lambda n: solvers.sdeint(model, x, "condot", steps=n, g=0.5)):
         if "sdeint" in run.__code__.co_names and not hasattr(solvers, "sdeint"):
             continue
         assert _count(check_calls, lambda: run(2)) == _count(check_calls, lambda: run(20)) > 0
@@ -344,7 +344,7 @@ def test_flow_training_validates_once_not_every_step(check_calls):
 def test_path_conversions_for_solvers_skip_checks_but_agree():
     path, x, v = paths.CondOTPath(), torch.randn(5, 2), torch.randn(5, 2)
     t = torch.full((5,), 0.3)
-    assert torch.equal(path._velocity_to_score(v, x, t), path.velocity_to_score(v, x, t))
+    assert torch.equal(path.velocity_to_score(v, x, t, check=False), path.velocity_to_score(v, x, t))
 
 
 # --- no network during unit tests ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("path", [CondOTPath(), CosinePath(), VPPath(), VEPath(sigma_min=0.01, sigma_max=4.0)],
-                         ids=["ot", "cosine", "vp", "ve"])
+                         ids=["condot", "cosine", "vp", "ve"])
 @pytest.mark.parametrize("g", [0.5, 1.5, "sigma"])
 def test_sde_reaches_target_moments(path, g):
     field = Marginal(Q, path)

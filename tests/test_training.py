@@ -13,7 +13,7 @@ def test_cfm_loss_matches_definition():
     torch.manual_seed(0)
     model = MLP(2, hidden=32, depth=2)
     x0, x1, t = torch.randn(64, 2), torch.randn(64, 2), torch.rand(64)
-    for name in ("ot", "vp", "cosine", "ve"):
+    for name in ("condot", "vp", "cosine", "ve"):
         path = get_path(name)
         xt, ut = path.sample(x0, x1, t)
         expected = ((model(xt, t) - ut) ** 2).sum(1).mean()
@@ -35,7 +35,7 @@ def test_two_moons_learned():
 
 
 def test_class_conditional_and_pairs(monkeypatch):
-    import cfmlib.training as tr
+    from cfmlib.paths import AffinePath
 
     x1 = torch.randn(200, 2)
     y = (x1[:, 0] > 0).long()
@@ -49,13 +49,13 @@ def test_class_conditional_and_pairs(monkeypatch):
     # fixed pairs are drawn together, never re-paired: here x1 - x0 = 5 for every pair
     x0 = torch.randn(200, 2)
     seen = []
-    real_loss = tr._loss
+    real_loss = AffinePath.loss
 
-    def spy(model, p, a, b, t, y=None):
+    def spy(self, model, a, b, t, y=None, weight=None):
         seen.append((b - a).detach().clone())
-        return real_loss(model, p, a, b, t, y)
+        return real_loss(self, model, a, b, t, y, weight)
 
-    monkeypatch.setattr(tr, "_loss", spy)
+    monkeypatch.setattr(AffinePath, "loss", spy)
     res = train(MLP(2, hidden=16, depth=1), pairs=(x0, x0 + 5.0), steps=5, batch_size=32, progress=False)
     assert len(res.history) == 5 and len(seen) == 5
     assert all(torch.allclose(d, torch.full_like(d, 5.0), atol=1e-5) for d in seen)
@@ -68,21 +68,21 @@ def test_ema_tracks_model():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["ot", "vp", "cosine", "ve"])
+@pytest.mark.parametrize("name", ["condot", "vp", "cosine", "ve"])
 def test_training_points_follow_the_path(name, monkeypatch):
     """The loop trains on x_t ~ p_t(. | x1) = N(alpha_t x1, sigma_t^2 I): noise is standard normal
     and the schedule is applied once (a source-scaled x0 would blow up the VE path)."""
-    import cfmlib.training as tr
+    from cfmlib.paths import AffinePath
 
     path = get_path(name)
     seen = []
-    real_loss = tr._loss
+    real_loss = AffinePath.loss
 
-    def spy(model, p, x0, x1, t, y=None):
+    def spy(self, model, x0, x1, t, y=None, weight=None):
         seen.append((x0.detach().clone(), x1.detach().clone(), t.detach().clone()))
-        return real_loss(model, p, x0, x1, t, y)
+        return real_loss(self, model, x0, x1, t, y, weight)
 
-    monkeypatch.setattr(tr, "_loss", spy)
+    monkeypatch.setattr(AffinePath, "loss", spy)
     x1 = torch.zeros(4096, 2)
     train(MLP(2, hidden=8, depth=1), x1, path=name, steps=1, batch_size=4096, progress=False)
     x0, x1b, t = seen[0]
@@ -110,9 +110,8 @@ def test_last_step_prepares_no_coupling():
     import cfmlib.training as tr
 
     gen = torch.Generator().manual_seed(0)
-    b = tr._Batches(cfmlib.get_dataset("moons"), None, 64, get_path("ot"), "ot", 0.0, None, gen,
-                    torch.device("cpu"))
-    b()
+    b = tr.Batches(cfmlib.get_dataset("moons"), 64, path="condot", coupling="ot", generator=gen)
+    b.next()
     assert b._pending is not None
-    b(ahead=False)
+    b.next(ahead=False)
     assert b._pending is None
