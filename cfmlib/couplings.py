@@ -99,7 +99,7 @@ class IndependentCoupling(Coupling):
 class ExactOTCoupling(Coupling):
     r"""The exact minibatch optimal-transport coupling (OT-CFM, Tong et al., 2024; chapter 8):
     the permutation :math:`\pi` minimising :math:`\sum_i \lVert x_0^{\pi(i)} - x_1^i\rVert^2`,
-    solved exactly (:mod:`cfmlib._assignment`)."""
+    solved exactly by cfmlib's assignment solver."""
 
     name = "ot"
 

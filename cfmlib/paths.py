@@ -51,6 +51,7 @@ class ProbabilityPath:
     t_max = 1.0
 
     def draw_x0(self, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A source sample ``x0`` for the batch of data ``x1``, drawn from ``generator`` (abstract)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def coupling_source(self, x0: torch.Tensor) -> torch.Tensor:
@@ -67,9 +68,12 @@ class ProbabilityPath:
         _checks.tensor(name, x1, finite=False)
 
     def check_batch(self, x0, x1, t, model=None) -> torch.Tensor:
+        """Check a batch for :meth:`loss` and return ``t`` as a ``(batch,)`` tensor (abstract)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def loss(self, model, x0, x1, t, y=None, weight=None) -> torch.Tensor:
+        """The training loss of ``model`` on the batch ``(x0, x1, t)`` with optional labels ``y`` and
+        per-sample weights ``weight``, without argument checks (abstract)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 
@@ -156,8 +160,8 @@ class AffinePath(ProbabilityPath):
 
     def check_batch(self, x0, x1, t, model=None) -> torch.Tensor:
         """The checks of :func:`cfmlib.training.cfm_loss`: shapes, dtypes and devices on every call;
-        finite values and ``0 <= t <= t_max`` as :func:`cfmlib._checks.values_due` decides.
-        Returns ``t`` as a ``(batch,)`` tensor."""
+        finite values and ``0 <= t <= t_max`` on every call for CPU tensors and on calls 1, 2, 4, 8, ...
+        on an accelerator (reading values there waits for the device). Returns ``t`` as a ``(batch,)`` tensor."""
         t = self._pair(x0, x1, t, hi=self.t_max, why="the conditional target")
         if model is not None:
             _checks.module_device("model", model, x1=x1)

@@ -303,8 +303,9 @@ def cfm_loss(model, x0: torch.Tensor, x1: torch.Tensor, t, path="condot", y: tor
     :math:`w_j \lVert v_\theta(x_t, t) - u_t(x_t \mid x_1)\rVert^2` (the path decides the loss:
     :meth:`cfmlib.paths.ProbabilityPath.loss`).
 
-    Shapes, dtypes and devices are checked on every call (free); values (NaN, the range of ``t``) as
-    :func:`cfmlib._checks.values_due` decides: every call on the CPU, calls 1, 2, 4, ... on a GPU.
+    Shapes, dtypes and devices are checked on every call (free). Values (NaN, the range of ``t``) are
+    checked on every call for CPU tensors, and on calls 1, 2, 4, 8, ... for tensors on a GPU, where
+    reading them would make the host wait for the device at every step.
     """
     _checks.function("model", model)
     path = get_path(path)

@@ -1,17 +1,19 @@
 """Keep every chapter's Colab badge and setup cell in line with _config.yml.
 
 Every chapter notebook starts with
-  1. a markdown cell holding the "Open in Colab" link (it may also hold the
-     chapter title), and
+  1. a markdown cell that opens with the chapter title (`# Title`) and holds
+     the "Open in Colab" link under it, and
   2. a code cell that installs cfmlib when it is missing, seeds and picks a
-     device.
+     device, tagged `hide-cell` so that the HTML shows it collapsed (Colab
+     runs it first like any other cell).
 Both are generated from the repository URL and branch in _config.yml.
 
     python tools/colab.py --write   # update the link and the install line
     python tools/colab.py --check   # exit 1 if any notebook disagrees
 
---write changes only the badge line and the install line (or inserts the two
-cells when a notebook lacks them); other cells and all outputs are untouched.
+--write changes only the badge line, the install line and the setup cell's
+tag (or inserts them when a notebook lacks them); other cells and all outputs
+are untouched.
 """
 
 import argparse
@@ -77,35 +79,47 @@ def _new_cell(kind, text):
     return cell
 
 
+SETUP_TAG = "hide-cell"
+
+
 def update(nb, path, repo, branch):
     """Return a copy of the notebook `nb` with the expected badge and setup cell."""
     nb = json.loads(json.dumps(nb))
     cells = nb["cells"]
     badge = badge_line(repo, branch, path)
 
-    # 1. the badge, in the first cell (which may also hold the title)
+    # 1. the title opens the first cell; the badge sits under it
     lines = _lines(cells[0]) if cells and cells[0]["cell_type"] == "markdown" else []
+    if not lines or not lines[0].startswith("# "):
+        raise SystemExit(f"{_shown(path)}: a chapter must open with a markdown cell whose first line is its "
+                         f"title ('# Title')")
     if any(BADGE_MARK in line for line in lines):
         _set(cells[0], [badge if BADGE_MARK in line else line for line in lines])
     elif BADGE_COMMENT in lines:
         at = lines.index(BADGE_COMMENT) + 1
         _set(cells[0], lines[:at] + [badge] + lines[at:])
     else:
-        cells.insert(0, _new_cell("markdown", f"{BADGE_COMMENT}\n{badge}"))
+        _set(cells[0], lines[:1] + ["", BADGE_COMMENT, badge] + lines[1:])
 
-    # 2. the setup cell, second: only the default install source is rewritten
+    # 2. the setup cell, second: only the default install source and the tag are rewritten
     source = default_source(repo, branch)
     text = "\n".join(_lines(cells[1])) if len(cells) > 1 and cells[1]["cell_type"] == "code" else ""
     if SOURCE_DEFAULT.search(text):
-        cells[1]["source"] = SOURCE_DEFAULT.sub(lambda m: m.group(1) + source + m.group(2), text)
+        new_text = SOURCE_DEFAULT.sub(lambda m: m.group(1) + source + m.group(2), text)
+        if new_text != text:
+            _set(cells[1], new_text.split("\n"))
     else:
         cells.insert(1, _new_cell("code", SETUP_CELL.format(source=source)))
+    tags = cells[1].setdefault("metadata", {}).setdefault("tags", [])
+    if SETUP_TAG not in tags:
+        tags.append(SETUP_TAG)
     return nb
 
 
 def _normalized(nb):
     """Compare notebooks independently of how the cell sources are split."""
-    return [("".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in nb["cells"]]
+    return [(("".join(c["source"]) if isinstance(c["source"], list) else c["source"]),
+             c.get("metadata", {}).get("tags", [])) for c in nb["cells"]]
 
 
 def _shown(path):
