@@ -1,7 +1,8 @@
 # Build and test the book.
 #
 #   make book    execute every notebook and build the HTML into _build/html
-#   make test    unit tests, notebooks (nbval), book build, browser test
+#   make test    unit tests, notebooks (nbval), book build, browser test, PDF
+#   make pdf     the whole book as one PDF, _build/pdf/flow-matching.pdf (needs Chromium)
 #   make bench   benchmarks (bench/run.py)
 #   make clean   remove build outputs (keeps .venv and .cache)
 #
@@ -32,7 +33,7 @@ COLAB_VENV     := .venv-colab
 COLAB_PACKAGES := torch numpy matplotlib scipy ipykernel
 WHEELHOUSE     := .cache/wheels
 
-.PHONY: venv colab-venv book test bench clean
+.PHONY: venv colab-venv book test bench clean pdf
 
 venv: $(VENV)/.stamp $(MATHJAX)
 
@@ -66,18 +67,30 @@ $(COLAB_VENV)/.stamp: requirements.txt pyproject.toml Makefile
 book: venv
 	$(BUILD)
 
+# The PDF edition, from the notebooks' stored outputs (nothing is executed, and
+# `make book` is not needed first): the book as one page (Sphinx's singlehtml
+# builder, into _build/singlehtml), printed by the system's headless Chromium
+# (tools/pdf.py) into _build/pdf/flow-matching.pdf, which is copied into
+# _build/html when the HTML book is there (its landing page links to it).
+pdf: venv
+	BOOK_EXECUTE=off $(BUILD) --builder singlehtml
+	$(BIN)/python tools/pdf.py $(PDF_FLAGS)
+
 # Order matters, and each notebook is executed once:
 #   1. unit tests, tools checks, the fresh-runtime test, and nbval, which
 #      executes every chapter and compares its `# NBVAL_CHECK_OUTPUT` cells;
 #   2. the HTML is built from the notebooks' stored outputs (no execution),
 #      with the same -W -n checks as `make book`;
-#   3. the built pages of step 2 are opened in headless Chromium.
+#   3. the built pages of step 2 are opened in headless Chromium;
+#   4. the PDF is printed (`make pdf`; without Chromium it says so and skips) and checked.
 test: venv colab-venv
-	$(PYTEST) tests $(NBVAL_NOTEBOOKS) --ignore=tests/test_book_html.py \
+	$(PYTEST) tests $(NBVAL_NOTEBOOKS) --ignore=tests/test_book_html.py --ignore=tests/test_pdf.py \
 	    --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg
 	BOOK_EXECUTE=off $(BUILD)
 	$(PYTEST) tests/test_book_html.py
+	$(MAKE) pdf PDF_FLAGS=--optional
+	$(PYTEST) tests/test_pdf.py
 
 bench: venv
 	$(BIN)/pip install --quiet --no-deps -r bench/requirements.txt
