@@ -104,8 +104,8 @@ CHECK_JS = """
   document.documentElement.dataset.mode = "light";
   const mathjax = () => window.MathJax && MathJax.startup && MathJax.startup.promise;
   if (document.querySelector(".math")) {
-    // MathJax loads after the page (defer); give it 60 s to appear, then wait for its typesetting
-    for (const start = Date.now(); !mathjax() && Date.now() - start < 60000;) await pause(50);
+    // MathJax is a deferred script, run before the load event; allow it a few seconds more
+    for (const start = Date.now(); !mathjax() && Date.now() - start < 5000;) await pause(50);
     if (mathjax()) await MathJax.startup.promise;
   }
   await document.fonts.ready;
