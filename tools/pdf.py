@@ -30,6 +30,7 @@ import functools
 import http.server
 import io
 import json
+import logging
 import os
 import select
 import shutil
@@ -39,8 +40,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-import logging
 
 import yaml
 from pypdf import PdfReader, PdfWriter
@@ -74,7 +73,7 @@ PRINT = dict(paperWidth=8.27, paperHeight=11.69, marginTop=0.6, marginBottom=0.7
 CSS = """
 html, body { background: white !important; }
 #jb-print-docs-body, .bd-header-article, .prev-next-area, .bd-footer-content, .bd-footer,
-.headerlink, .pdf-download, #pdf-hidden-title { display: none !important; }
+.headerlink, .pdf-download { display: none !important; }
 .bd-main .bd-content .bd-article-container { max-width: 100% !important; }
 .pdf-chapter { display: block; break-before: page; }
 #pdf-cover { height: 9.4in; display: flex; flex-direction: column; justify-content: center; text-align: center;
@@ -148,7 +147,7 @@ PREPARE_JS = """
   const article = document.querySelector("article.bd-article") || document.querySelector("article");
   // the landing page's own title: the cover carries it
   const first = article.querySelector("h1");
-  if (first) first.id = first.id || "pdf-hidden-title", first.style.display = "none";
+  if (first) first.style.display = "none";
 
   const cover = el("section", {id: "pdf-cover"}, [
     el("div", {className: "pdf-title", textContent: book.title}),
@@ -177,8 +176,9 @@ PREPARE_JS = """
       const section = heading && heading.closest("section");
       chapters[doc] = {
         title: heading ? text(heading) : doc,
-        sections: section ? [...section.querySelectorAll(":scope > section[id]")].map(
-          s => ({id: s.id, title: text(s.querySelector("h1, h2, h3, h4, h5, h6"))})) : [],
+        sections: section ? [...section.querySelectorAll(":scope > section[id]")]
+          .filter(s => s.querySelector("h1, h2, h3, h4, h5, h6"))
+          .map(s => ({id: s.id, title: text(s.querySelector("h1, h2, h3, h4, h5, h6"))})) : [],
       };
       // in print the title leads, even if a chapter puts something above it
       if (heading && !(anchor.nextElementSibling === section && section.firstElementChild === heading)) {
