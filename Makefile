@@ -37,7 +37,9 @@ WHEELHOUSE     := .cache/wheels
 
 venv: $(VENV)/.stamp $(MATHJAX)
 
-$(VENV)/.stamp: requirements.txt pyproject.toml
+# setup.py builds the C assignment solver into cfmlib/ (an optional extension): a changed C source
+# re-runs the editable install, which rebuilds it.
+$(VENV)/.stamp: requirements.txt pyproject.toml setup.py cfmlib/_assign.c cfmlib/_assign_kernels.h
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet -e . --no-deps

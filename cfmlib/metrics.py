@@ -46,8 +46,10 @@ def w2(a: torch.Tensor, b: torch.Tensor) -> float:
     B = b.detach().to("cpu", torch.float64).flatten(1).numpy()
     cost = cdist(A, B, "sqeuclidean")  # direct differences: exactly 0 for identical points
     if A.shape[0] == B.shape[0]:
-        r, c = linear_sum_assignment(cost)
-        return float(math.sqrt(max(cost[r, c].mean(), 0.0)))
+        from .assignment import solve  # exact, certified optimal (chapter 8)
+
+        c = solve(cost)
+        return float(math.sqrt(max(cost[np.arange(len(c)), c].mean(), 0.0)))
     import ot  # POT, for unequal sizes
 
     wa = np.full(A.shape[0], 1.0 / A.shape[0])

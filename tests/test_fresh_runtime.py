@@ -56,9 +56,9 @@ def test_setup_cell_installs_cfmlib_and_leaves_torch_alone(monkeypatch, tmp_path
     # cfmlib is installed from a copy of this checkout, as Colab would from git.
     source = tmp_path / "cfmlib-source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "setup.py", "MANIFEST.in"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "cfmlib", source / "cfmlib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "cfmlib", source / "cfmlib", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     monkeypatch.setenv("CFMLIB_SOURCE", source.as_uri())
 
     # A kernel running in .venv-colab.
@@ -83,3 +83,7 @@ def test_setup_cell_installs_cfmlib_and_leaves_torch_alone(monkeypatch, tmp_path
     assert setup_output.startswith("cfmlib"), setup_output
     assert run(str(PYTHON), "-c", "import cfmlib; print(cfmlib.__file__)").startswith(str(COLAB))
     assert run(str(PYTHON), "-c", TORCH_INFO) == torch_before, "pip reinstalled torch"
+    # pip built the C assignment solver (setup.py), and it is the one in use where a compiler exists
+    if shutil.which("gcc") or shutil.which("cc"):
+        backend = run(str(PYTHON), "-c", "import cfmlib.assignment as a; print(a.backend())")
+        assert backend.startswith("compiled ("), backend
