@@ -7,6 +7,7 @@ worse, in a silently broadcast result.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Iterable
 
@@ -226,3 +227,15 @@ def same_dtype(**tensors: torch.Tensor) -> None:
         listing = ", ".join(f"{k} is {d}" for k, d in dtypes.items())
         raise TypeError(f"tensors must have the same dtype, got {listing}; convert with .to(dtype) "
                         f"(e.g. .float() for data from NumPy, which is float64)")
+
+
+def known_kwargs(what: str, factory, kwargs: dict) -> None:
+    """Raise a ``TypeError`` listing the valid keyword arguments when ``kwargs`` has others."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"{what} got unknown keyword argument(s) {', '.join(unknown)}; "
+                        f"valid ones: {', '.join(valid) if valid else 'none'}")

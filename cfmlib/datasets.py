@@ -9,7 +9,6 @@ objects, so their density, score and marginal fields are known in closed form.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -107,13 +106,8 @@ def get_dataset(name: str, **kwargs):
     """A 2D sampler by name: one of ``'8gaussians'``, ``'gmm'``, ``'moons'``, ``'checkerboard'``,
     ``'spirals'``, ``'circles'``. Keyword arguments go to the data set (e.g. ``noise``)."""
     _checks.choice("dataset", name, DATASETS)
-    factory = DATASETS[name]
-    valid = [p.name for p in inspect.signature(factory).parameters.values()]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise TypeError(f"get_dataset({name!r}) got unknown keyword argument(s) {', '.join(unknown)}; "
-                        f"valid ones: {', '.join(valid) if valid else 'none'}")
-    return factory(**kwargs)
+    _checks.known_kwargs(f"get_dataset({name!r})", DATASETS[name], kwargs)
+    return DATASETS[name](**kwargs)
 
 
 def load_digits(device=None):

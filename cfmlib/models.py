@@ -101,6 +101,7 @@ def build_model(config: dict) -> nn.Module:
         raise ValueError(f"config must be a dict with a 'kind' entry, got {_checks.describe(config)}")
     kwargs = dict(config)
     kind = _checks.choice("model kind", kwargs.pop("kind"), MODELS)
+    _checks.known_kwargs(f"the {kind!r} model's config", MODELS[kind], kwargs)
     return MODELS[kind](**kwargs)
 
 

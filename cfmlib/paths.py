@@ -464,3 +464,4 @@ def get_path(path="condot", **kwargs) -> ProbabilityPath:
                          "OT path is called 'condot' (path='condot', or paths.CondOTPath(sigma_min))")
     _checks.choice("path", path, PATHS)
     return PATHS[path](**kwargs)
+    _checks.known_kwargs(f"get_path({path!r})", PATHS[path], kwargs)

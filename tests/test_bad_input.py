@@ -58,6 +58,64 @@ def train(data=X, model=None, **kw):
     return training.train(model if model is not None else mlp(), data, **settings)
 
 
+class Narrow(torch.nn.Module):
+    """A field built for 2-D data whose output has the wrong shape (batch, 1): it would broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.config = {"dim": 2}
+
+    def forward(self, x, t, y=None):
+        return self.lin(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1)], 1))
+
+
+def sampler_without_generator(n):
+    return torch.randn(n, 2)
+
+
+def sampler_numpy(n, generator=None):
+    import numpy as np
+
+    return np.zeros((n, 2), dtype=np.float32)
+
+
+def sampler_wide(n, generator=None):
+    return torch.randn(n, 3, generator=generator)
+
+
+def sampler_empty(n, generator=None):
+    return torch.zeros(0, 2)
+
+
+def sampler_float64(n, generator=None):
+    return torch.randn(n, 2, generator=generator, dtype=torch.float64)
+
+
+def ckpt_is_a_folder(tmp):
+    return train(checkpoint=tmp)
+
+
+def load_folder(tmp):
+    return checkpoint.load_checkpoint(tmp)
+
+
+def load_in_missing_folder(tmp):
+    return checkpoint.load_model(tmp / "no" / "such" / "run.pt")
+
+
+def foreign_checkpoint(tmp):
+    p = tmp / "resnet.pt"
+    checkpoint.save_checkpoint(p, {"model": {"w": torch.zeros(2)}, "config": {"kind": "resnet", "depth": 50}})
+    return checkpoint.load_model(p)
+
+
+def resume_foreign_file(tmp):
+    p = tmp / "other.pt"
+    checkpoint.save_checkpoint(p, {"weights": torch.zeros(2)})
+    return train(checkpoint=p)
+
+
 def ckpt_other_config(tmp):
     p = tmp / "c.pt"
     train(model=mlp(hidden=8), checkpoint=p)
@@ -359,6 +417,66 @@ ROWS = [
     ("train_flow not a flow", lambda: flows.train_flow(mlp(), X), TypeError, ("flow",)),
     ("train_flow steps = 0", lambda: flows.train_flow(flow(), X, steps=0), ValueError, ("steps",)),
     ("train_flow data wrong dim", lambda: flows.train_flow(flow(), X3D), ValueError, ("data", "(batch, 2)")),
+    # --- second pass: silent wrong answers and errors from inside torch (reliability) ---------------
+    ("train model output (batch, 1)", lambda: train(model=Narrow()), ValueError, ("model returned shape", "(4, 1)")),
+    ("cfm_loss model output (batch, 1)", lambda: training.cfm_loss(Narrow(), X, Y, 0.5), ValueError,
+     ("model returned shape", "(4, 1)")),
+    ("train_step model output (batch, 1)", lambda: training.train_step(
+        Narrow(), torch.optim.Adam(Narrow().parameters()), (X, Y, torch.rand(4))), ValueError, ("model returned shape",)),
+    ("cfm_loss vp at t = 1", lambda: training.cfm_loss(mlp(), X, Y, 1.0, path="vp"), ValueError, ("t_max", "0.999")),
+    ("vp target at t = 1", lambda: paths.VPPath().target(X, Y, 1.0), ValueError, ("t_max",)),
+    ("vp sample at t = 1", lambda: paths.VPPath().sample(X, Y, 1.0), ValueError, ("t_max",)),
+    ("train float64 data, float32 model", lambda: train(X.double()), TypeError, ("data", "float64", "float32")),
+    ("train float64 sampler", lambda: train(sampler_float64), TypeError, ("data", "float64", ".to(")),
+    ("train float64 pairs", lambda: training.train(mlp(), pairs=(X.double(), Y.double()), steps=1, progress=False),
+     TypeError, ("pairs", "float64")),
+    ("train float64 labelled data", lambda: train((X.double(), labels(0, 1, 0, 1)), model=cond()), TypeError,
+     ("data[0] (x1)", "float64")),
+    ("cfm_loss float64 data, float32 model", lambda: training.cfm_loss(mlp(), X.double(), Y.double(), 0.5),
+     TypeError, ("x1", "float64", "float32")),
+    ("cfm_loss mixed dtypes", lambda: training.cfm_loss(mlp(), X, Y.double(), 0.5), TypeError, ("x0", "x1", "float64")),
+    ("train_cnf float64 data", lambda: likelihood.train_cnf(mlp(), X.double(), steps=1, batch_size=4), TypeError,
+     ("data", "float64")),
+    ("train_cnf sampler without generator", lambda: likelihood.train_cnf(mlp(), sampler_without_generator, steps=1,
+                                                                        batch_size=4), TypeError,
+     ("data", "generator")),
+    ("log_prob float64 points, float32 model", lambda: likelihood.log_prob(mlp(), X.double()), TypeError,
+     ("x", "float64")),
+    ("sample_with_log_prob float64", lambda: likelihood.sample_with_log_prob(mlp(), X.double()), TypeError,
+     ("x", "float64")),
+    ("train_flow float64 data", lambda: flows.train_flow(flow(), X.double(), steps=1), TypeError, ("data", "float64")),
+    ("train_flow sampler returns numpy", lambda: flows.train_flow(flow(), sampler_numpy, steps=1), TypeError,
+     ("data", "torch.Tensor")),
+    ("train sampler without generator", lambda: train(sampler_without_generator), TypeError,
+     ("data", "generator=g", "(n, ...)")),
+    ("train sampler returns numpy", lambda: train(sampler_numpy), TypeError, ("data", "torch.Tensor", "from_numpy")),
+    ("train sampler wrong width", lambda: train(sampler_wide), ValueError, ("data", "(3,)", "(2,)")),
+    ("train sampler empty", lambda: train(sampler_empty), ValueError, ("data", "(0, 2)")),
+    ("train empty tensor", lambda: train(torch.zeros(0, 2)), ValueError, ("data", "empty")),
+    ("train checkpoint is a folder", ckpt_is_a_folder, ValueError, ("is a folder",)),
+    ("load_checkpoint a folder", load_folder, ValueError, ("is a folder",)),
+    ("load_model in a missing folder", load_in_missing_folder, FileNotFoundError, ("run.pt", "does not exist")),
+    ("load_model of a model cfmlib did not build", foreign_checkpoint, ValueError, ("resnet.pt", "'resnet'", "mlp")),
+    ("train resumes a file not written by train", resume_foreign_file, ValueError, ("other.pt", "not written by")),
+    ("get_dataset unknown kwarg lists valid", lambda: datasets.get_dataset("moons", sigma=0.1), TypeError,
+     ("sigma", "noise")),
+    ("get_dataset kwarg of another set", lambda: datasets.get_dataset("checkerboard", noise=0.1), TypeError,
+     ("noise", "valid ones: none")),
+    ("get_path unknown kwarg lists valid", lambda: paths.get_path("vp", sigma_min=0.1), TypeError,
+     ("sigma_min", "beta_min", "beta_max")),
+    ("build_model unknown config key", lambda: models.build_model({"kind": "mlp", "width": 3}), TypeError,
+     ("width", "hidden")),
+    ("get_path 'ot' is a coupling", lambda: paths.get_path("ot"), ValueError, ("coupling", "condot")),
+    ("get_coupling 'condot' is a path", lambda: couplings.get_coupling("condot"), ValueError, ("path", "coupling='ot'")),
+    ("Batches labels with dropout, no num_classes", lambda: next(training.Batches((X, labels(0, 1, 0, 1)), 4,
+                                                                                 label_dropout=0.5)),
+     ValueError, ("num_classes",)),
+    ("train_step batch of 2", lambda: training.train_step(mlp(), torch.optim.Adam(mlp().parameters()), (X, Y)),
+     TypeError, ("batch",)),
+    ("data_band tensor too small", lambda: metrics.data_band(X, 3), ValueError, ("data", "2 n")),
+    ("data_band repeats = 1", lambda: metrics.data_band(X, 2, repeats=1), ValueError, ("repeats",)),
+    ("data_band unknown metric", lambda: metrics.data_band(X, 2, metric="w1"), ValueError, ("metric", "w2", "mmd")),
+    ("compare_runs nan", lambda: metrics.compare_runs([1.0, float("nan")], [1.0]), ValueError, ("a", "NaN")),
 ]
 
 
