@@ -205,15 +205,21 @@ def test_ownership_and_links_are_checked(tmp_path):
     assert "writable by other users" in assignment._unsafe_reason(h)
 
 
-@posix
-def test_no_library_in_the_shared_temp_folder_is_ever_considered():
-    """The only place the solver is looked for is cfmlib's own folder."""
-    import tempfile
-
+def test_the_solver_is_looked_for_in_cfmlibs_own_folder_only(tmp_path, monkeypatch):
+    """No cache or temporary folder: a library elsewhere is never considered."""
     solver, _ = assignment._load()
     if solver is not None:
         assert Path(solver.path).parent == Path(assignment.__file__).resolve().parent
-    assert not str(assignment._HERE).startswith(tempfile.gettempdir() + os.sep)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / f"_assign{SUFFIX}").write_bytes(b"\0")
+    (tmp_path / "cfmlib").mkdir()
+    (tmp_path / "cfmlib" / f"_assign{SUFFIX}").write_bytes(b"\0")
+    assert assignment._library_path(tmp_path / "elsewhere") is None
+    assignment._state.clear()
+    again, _ = assignment._load()
+    assert (again is None) == (solver is None) and (again is None or again.path == solver.path)
 
 
 @needs_cc
