@@ -19,12 +19,14 @@ Shapes: ``x0``, ``x1``, ``x`` are ``(batch, ...)``; ``t`` is a number or a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import _checks
 
-__all__ = ["ProbabilityPath", "AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path"]
+__all__ = ["ProbabilityPath", "AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path",
+           "SchedulerChange", "scheduler_change"]
 
 
 def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -463,5 +465,87 @@ def get_path(path="condot", **kwargs) -> ProbabilityPath:
         raise ValueError("'ot' names the minibatch optimal-transport coupling (coupling='ot'); the conditional "
                          "OT path is called 'condot' (path='condot', or paths.CondOTPath(sigma_min))")
     _checks.choice("path", path, PATHS)
-    return PATHS[path](**kwargs)
     _checks.known_kwargs(f"get_path({path!r})", PATHS[path], kwargs)
+    return PATHS[path](**kwargs)
+
+
+# --- changing the schedule (chapter 6) --------------------------------------------------------
+class SchedulerChange(NamedTuple):
+    r"""The result of :func:`scheduler_change`: times ``r`` of the other path, scales ``s`` and their
+    time derivatives ``dr`` :math:`= \dot r_t` and ``ds`` :math:`= \dot s_t`, each of shape ``(batch,)``."""
+
+    r: torch.Tensor
+    s: torch.Tensor
+    dr: torch.Tensor
+    ds: torch.Tensor
+
+
+def scheduler_change(path, other, t, *, iters: int = 100) -> SchedulerChange:
+    r"""The change of time and scale that carries ``path`` onto ``other`` (chapter 6; the scheduler
+    change of Lipman et al., 2024, §4.8).
+
+    For each time :math:`t` of ``path`` (schedule :math:`\alpha, \sigma`) it returns the time
+    :math:`r_t` at which ``other`` (schedule :math:`\bar\alpha, \bar\sigma`) has the same
+    signal-to-noise ratio, :math:`\bar\alpha_{r}/\bar\sigma_{r} = \alpha_t/\sigma_t`, and the scale
+    :math:`s_t = \sigma_t/\bar\sigma_{r} = \alpha_t/\bar\alpha_{r}`.  Then
+    :math:`x_t = s_t\, \bar x_{r_t}` for every pair :math:`(x_0, x_1)`, so the marginal paths and fields
+    (same source and coupling) satisfy
+
+    .. math::  p_t(x) = s_t^{-d}\, \bar p_{r_t}(x / s_t), \qquad
+               u_t(x) = \frac{\dot s_t}{s_t}\, x + s_t\, \dot r_t\, \bar u_{r_t}(x / s_t),
+
+    and :math:`x(t) = s_t\, \bar x(r_t)` maps marginal trajectories of ``other`` onto those of ``path``.
+
+    Args:
+        path: an :class:`AffinePath` or a name for :func:`get_path`.
+        other: the same; its signal-to-noise ratio must increase strictly with time (true of every
+            path in :data:`PATHS`).
+        t: a number or a ``(batch,)`` tensor of times of ``path`` in ``[0, 1]``.
+        iters: bisection steps for :math:`r_t` (each halves the bracket, which starts as ``[0, 1]``).
+
+    Returns:
+        a :class:`SchedulerChange` ``(r, s, dr, ds)`` in ``t``'s dtype (float32 for a number),
+        computed in float64.  :math:`\dot r_t = (\dot\alpha_t\sigma_t - \alpha_t\dot\sigma_t) /
+        \big(s_t^2(\dot{\bar\alpha}_r\bar\sigma_r - \bar\alpha_r\dot{\bar\sigma}_r)\big)` needs finite
+        derivatives of ``other`` at :math:`r_t` (the VP path has none at ``r = 1``).
+
+    Raises:
+        ValueError: where :math:`\alpha_t/\sigma_t` lies outside the range of ``other``'s ratio on
+        ``[0, 1]`` (a VE path never reaches ratio 0, so ``t = 0`` of the CondOT path has no image).
+    """
+    path, other = get_path(path), get_path(other)
+    for name, p in (("path", path), ("other", other)):
+        if not isinstance(p, AffinePath):
+            raise TypeError(f"{name} must be an AffinePath (a Gaussian path x_t = alpha_t x1 + sigma_t x0), "
+                            f"got {_checks.describe(p)}")
+    _checks.positive_int("iters", iters)
+    t_in = _checks.time("t", t)
+    t = t_in.detach().to(torch.float64).reshape(-1)
+    a, s_, da, ds_ = (f(t) for f in (path.alpha, path.sigma, path.d_alpha, path.d_sigma))
+
+    def gap(r):  # sign of SNR_other(r) - SNR(t), without dividing by a sigma that may be 0
+        return other.alpha(r) * s_ - a * other.sigma(r)
+
+    lo, hi = torch.zeros_like(t), torch.ones_like(t)
+    # rounding: a schedule that should vanish at an end (cos(pi/2) = 6e-17) must not put that end out of range
+    tol = 1e-12 * (a.abs() + s_.abs()) * (other.alpha(lo).abs() + other.sigma(lo).abs()
+                                          + other.alpha(hi).abs() + other.sigma(hi).abs())
+    bad = (gap(lo) > tol) | (gap(hi) < -tol)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"t = {float(t[i]):.4g}: the signal-to-noise ratio alpha_t/sigma_t = "
+                         f"{float(a[i] / s_[i]) if float(s_[i]) > 0 else math.inf:.4g} of {type(path).__name__} is "
+                         f"outside the range of {type(other).__name__}'s ratio on [0, 1]; use times where the "
+                         f"two ratios overlap")
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        up = gap(mid) < 0
+        lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+    r = 0.5 * (lo + hi)
+    ab, sb, dab, dsb = (f(r) for f in (other.alpha, other.sigma, other.d_alpha, other.d_sigma))
+    norm = ab**2 + sb**2
+    s = (a * ab + s_ * sb) / norm                             # alpha = s alpha_bar and sigma = s sigma_bar
+    dr = (da * s_ - a * ds_) / (s**2 * (dab * sb - ab * dsb))  # d/dt of the SNR, divided by other's at r
+    ds = (ab * (da - s * dab * dr) + sb * (ds_ - s * dsb * dr)) / norm
+    shape, dtype = t_in.shape, t_in.dtype
+    return SchedulerChange(*(v.reshape(shape).to(dtype) for v in (r, s, dr, ds)))
