@@ -43,6 +43,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CFM_X86 1
+#include <immintrin.h>
 #else
 #define CFM_X86 0
 #endif
@@ -119,7 +120,7 @@ typedef struct {
     void (*colslack_d)(const double *, const double *, double, const int *, int, double *, int);
     int (*range_f)(const float *, size_t, double *, double *);
     int (*range_d)(const double *, size_t, double *, double *);
-    void (*two_min)(const float *, const float *, int, float *, int *, float *);
+    void (*two_min)(const float *, const float *, int, const float *, float *, int *, float *);
     int (*collect)(const float *, const float *, int, float, int, int *, float *);
     float (*rowmin)(const float *, const float *, int);
 } kernels_t;
@@ -316,14 +317,16 @@ static inline void alist_two_min(const auction_t *A, int i, float *pw1, int *pj1
     const float *lv = A->L.pval + A->L.ofs[i];
     const float *p = A->p;
     float w1 = INFINITY, w2 = INFINITY;
-    int j1 = -1;
-    for (int k = 0, m = A->L.len[i]; k < m; k++) {
+    int k1 = -1;
+    for (int k = 0, m = A->L.len[i]; k < m; k++) { /* branch-free: near ties make branches unpredictable */
         float x = lv[k] + p[li[k]];
-        if (x < w1) { w2 = w1; w1 = x; j1 = li[k]; }
-        else if (x < w2) w2 = x;
+        float hi = x < w1 ? w1 : x;
+        w2 = hi < w2 ? hi : w2;
+        k1 = x < w1 ? k : k1;
+        w1 = x < w1 ? x : w1;
     }
     *pw1 = w1;
-    *pj1 = j1;
+    *pj1 = k1 >= 0 ? li[k1] : -1;
     *pw2 = w2;
 }
 
@@ -351,7 +354,16 @@ static int alist_filter(auction_t *A, int i, float delta) {
    the difference to the second best plus eps. owner[j]: the row holding column j at the end; the
    lists of the last phase stay in A->L (see the file's comment). Only a warm start. Returns 1
    when out of memory. */
-static int auction(auction_t *A, int *owner, int *stack, int *colof, double span, double eps_final,
+/* The first set bit after bit i, cyclically (bits: words 64-bit words, at least one set). */
+static int next_set(const uint64_t *bits, int words, int i) {
+    int w = (i + 1) >> 6;
+    uint64_t b = (i + 1) & 63 ? bits[w % words] & (~(uint64_t)0 << ((i + 1) & 63)) : bits[w % words];
+    if (w >= words) { w = 0; b = bits[0]; }
+    while (!b) { w = w + 1 < words ? w + 1 : 0; b = bits[w]; }
+    return (w << 6) + __builtin_ctzll(b);
+}
+
+static int auction(auction_t *A, int *owner, int *stack, int *colof, uint64_t *todo, double span, double eps_final,
                    int64_t max_bids) {
     int n = A->n;
     float *p = A->p;
@@ -373,6 +385,32 @@ static int auction(auction_t *A, int *owner, int *stack, int *colof, double span
         }
         for (int j = 0; j < n; j++) owner[j] = -1;
         for (int i = 0; i < n; i++) colof[i] = -1;
+        if (!lists) { /* whole rows: sweep over the rows in order, fetching the next one meanwhile */
+            int words = (n + 63) / 64, pending = n, i = 0;
+            for (int w = 0; w < words; w++) todo[w] = ~(uint64_t)0;
+            if (n % 64) todo[words - 1] = ((uint64_t)1 << (n % 64)) - 1;
+            while (pending > 0 && bids < max_bids) {
+                todo[i >> 6] &= ~((uint64_t)1 << (i & 63));
+                pending--;
+                int next = pending > 0 ? next_set(todo, words, i) : -1, j1;
+                float w1, w2;
+                A->kn->two_min(A->a + (size_t)i * n, p, n, next >= 0 ? A->a + (size_t)next * n : NULL, &w1, &j1, &w2);
+                if (w2 == INFINITY) w2 = w1;
+                p[j1] += (w2 - w1) + e;
+                int k = owner[j1];
+                if (k >= 0) {
+                    todo[k >> 6] |= (uint64_t)1 << (k & 63);
+                    pending++;
+                    colof[k] = -1;
+                    if (next < 0) next = k;
+                }
+                owner[j1] = i;
+                colof[i] = j1;
+                bids++;
+                if (pending > 0) i = next_set(todo, words, i);
+            }
+            continue;
+        }
         int top = 0; /* the row displaced last bids next */
         for (int i = n - 1; i >= 0; i--) stack[top++] = i;
         while (top > 0 && bids < max_bids) {
@@ -386,7 +424,7 @@ static int auction(auction_t *A, int *owner, int *stack, int *colof, double span
                     if (!(w2 <= A->L.bnd[i])) j1 = -1;
                 }
             }
-            if (j1 < 0) A->kn->two_min(A->a + (size_t)i * n, p, n, &w1, &j1, &w2);
+            if (j1 < 0) A->kn->two_min(A->a + (size_t)i * n, p, n, NULL, &w1, &j1, &w2);
             if (w2 == INFINITY) w2 = w1;
             p[j1] += (w2 - w1) + e;
             if (owner[j1] >= 0) { stack[top++] = owner[j1]; colof[owner[j1]] = -1; }
@@ -518,6 +556,7 @@ int cfm_assign(const void *cost_matrix, int is_float, int64_t n64, int64_t *col,
     int *rowsol = malloc((size_t)n * sizeof(int)), *colsol = malloc((size_t)n * sizeof(int));
     int *owner = malloc((size_t)n * sizeof(int)), *stack = malloc((size_t)n * sizeof(int));
     int *scol = malloc((size_t)n * sizeof(int));
+    uint64_t *todo = malloc((size_t)(n + 63) / 64 * sizeof(uint64_t));
     double *u = malloc((size_t)n * sizeof(double)), *key = malloc((size_t)n * sizeof(double));
     double *slack = malloc((size_t)n * sizeof(double)), *sdist = malloc((size_t)n * sizeof(double));
     double *hrow = malloc((size_t)n * sizeof(double));
@@ -527,7 +566,7 @@ int cfm_assign(const void *cost_matrix, int is_float, int64_t n64, int64_t *col,
     q.mark = calloc((size_t)n, sizeof(int));
     q.touched = malloc((size_t)n * sizeof(int));
     q.out = malloc((size_t)n * sizeof(int));
-    if (!rowsol || !colsol || !owner || !stack || !scol || !u || !key || !slack || !sdist || !hrow ||
+    if (!rowsol || !colsol || !owner || !stack || !scol || !todo || !u || !key || !slack || !sdist || !hrow ||
         !s.p || !q.d || !q.pred || !q.mark || !q.touched || !q.out || dlist_t_init(&s.L, n, lmax)) {
         rc = 1;
         goto out;
@@ -563,7 +602,7 @@ int cfm_assign(const void *cost_matrix, int is_float, int64_t n64, int64_t *col,
         A.stats = stats;
         double eps_final = span * eps_rel;
         if (eps_final < span * 1e-6) eps_final = span * 1e-6; /* float32 resolution */
-        if (!A.p || flist_t_init(&A.L, n, lmax) || auction(&A, owner, stack, rowsol, span, eps_final, max_bids)) {
+        if (!A.p || flist_t_init(&A.L, n, lmax) || auction(&A, owner, stack, rowsol, todo, span, eps_final, max_bids)) {
             rc = 1;
             goto out;
         }
@@ -704,7 +743,7 @@ int cfm_assign(const void *cost_matrix, int is_float, int64_t n64, int64_t *col,
     for (int i = 0; i < n; i++) col[i] = rowsol[i];
     for (int j = 0; j < n; j++) v[j] = -s.p[j];
 out:
-    free(rowsol); free(colsol); free(owner); free(stack); free(scol);
+    free(rowsol); free(colsol); free(owner); free(stack); free(scol); free(todo);
     free(u); free(key); free(slack); free(sdist); free(hrow);
     free(s.p); dlist_t_free(&s.L); flist_t_free(&A.L); free(A.p); free(ashift);
     free(q.d); free(q.pred); free(q.mark); free(q.touched); free(q.out); free(q.cols.a); free(bounds.a);

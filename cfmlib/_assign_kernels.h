@@ -88,6 +88,18 @@ static KATTR double KN(xmin)(const CT *c, const double *p, int n) {
 static KATTR int KN(xcollect)(const CT *c, const double *p, int n, double thr, int cap, int *idx, double *val) {
     KN(vd) vt = KN(splat)(thr);
     int cnt = 0, j = 0;
+#if KVB == 64 && CFM_X86 /* compress in registers, as in collect below */
+    __m256i jv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), eight = _mm256_set1_epi32(8);
+    for (; j + 8 <= n && cnt + 8 <= cap; j += 8, jv = _mm256_add_epi32(jv, eight)) {
+        KN(vd) cv = KN(loadc)(c + j);
+        __mmask8 m = _mm512_cmp_pd_mask((__m512d)(cv + KN(loadd)(p + j)), (__m512d)vt, _CMP_LE_OQ);
+        if (m) {
+            _mm256_storeu_si256((__m256i *)(idx + cnt), _mm256_maskz_compress_epi32(m, jv));
+            _mm512_storeu_pd(val + cnt, _mm512_maskz_compress_pd(m, (__m512d)cv));
+            cnt += __builtin_popcount(m);
+        }
+    }
+#endif
     for (; j + 2 * KVL <= n; j += 2 * KVL) {
         KN(vd) c0 = KN(loadc)(c + j), c1 = KN(loadc)(c + j + KVL);
         KN(vl) m0 = (c0 + KN(loadd)(p + j)) <= vt, m1 = (c1 + KN(loadd)(p + j + KVL)) <= vt;
@@ -189,9 +201,11 @@ static inline KATTR __attribute__((always_inline)) KN(vi) KN(seli)(KN(vi) m, KN(
 }
 
 /* Auction bid on a float32 row: smallest a[j] + p[j], its index (lowest among ties) and the second
-   smallest (a tie counts twice). */
+   smallest (a tie counts twice). next (may be NULL): the row to bid next, fetched into the cache
+   meanwhile (the processor's own prefetcher does not guess a jump to another row). */
 #define KUA 4
-static KATTR void KN(two_min)(const float *a, const float *p, int n, float *pw1, int *pj1, float *pw2) {
+static KATTR void KN(two_min)(const float *a, const float *p, int n, const float *next, float *pw1, int *pj1,
+                              float *pw2) {
     KN(vf) m1[KUA], m2[KUA];
     KN(vi) id[KUA], jv[KUA], step;
     for (int u = 0; u < KUA; u++)
@@ -199,6 +213,8 @@ static KATTR void KN(two_min)(const float *a, const float *p, int n, float *pw1,
     for (int l = 0; l < KFL; l++) step[l] = KUA * KFL;
     int j = 0;
     for (; j + KUA * KFL <= n; j += KUA * KFL) {
+        if (next)
+            for (int q = 0; q < KUA * KFL; q += 16) __builtin_prefetch(next + j + q, 0, 3);
         for (int u = 0; u < KUA; u++) {
             KN(vf) x = KN(loadf)(a + j + u * KFL) + KN(loadf)(p + j + u * KFL);
             KN(vi) lt = x < m1[u];
@@ -242,6 +258,21 @@ static KATTR int KN(collect)(const float *a, const float *p, int n, float thr, i
     KN(vf) vt;
     for (int l = 0; l < KFL; l++) vt[l] = thr;
     int cnt = 0, j = 0;
+#if KVB == 64 && CFM_X86
+    /* AVX-512: compress the selected lanes in registers, then store whole vectors (the memory form
+       of compress is slow on some processors) */
+    __m512i jv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), sixteen = _mm512_set1_epi32(16);
+    __m512 t = _mm512_set1_ps(thr);
+    for (; j + 16 <= n && cnt + 16 <= cap; j += 16, jv = _mm512_add_epi32(jv, sixteen)) {
+        __m512 av = _mm512_loadu_ps(a + j);
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_add_ps(av, _mm512_loadu_ps(p + j)), t, _CMP_LE_OQ);
+        if (m) {
+            _mm512_storeu_si512((void *)(idx + cnt), _mm512_maskz_compress_epi32(m, jv));
+            _mm512_storeu_ps(val + cnt, _mm512_maskz_compress_ps(m, av));
+            cnt += __builtin_popcount(m);
+        }
+    }
+#endif
     for (; j + 2 * KFL <= n; j += 2 * KFL) {
         KN(vf) a0 = KN(loadf)(a + j), a1 = KN(loadf)(a + j + KFL);
         KN(vf) x0 = a0 + KN(loadf)(p + j), x1 = a1 + KN(loadf)(p + j + KFL);

@@ -240,3 +240,32 @@ def test_a_library_built_from_older_sources_is_refused(tmp_path):
     assignment._state.clear()
     stale, reason = assignment._load(folder)
     assert stale is None and "older version of cfmlib/_assign.c" in reason, reason
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
+def test_wide_instructions_only_in_the_kernels_chosen_at_run_time():
+    """The library must run on any x86-64 processor (a wheel or a shared home directory may reach
+    another machine): AVX-512 registers appear only in the *_avx512 kernels, AVX registers only in
+    those and the *_avx2 kernels; everything else is baseline code."""
+    import platform
+    import re
+
+    solver, reason = assignment._load()
+    if solver is None:
+        pytest.skip(f"no compiled solver here: {reason}")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the kernel sets are x86-64 specific")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(solver.path)], check=True, capture_output=True,
+                          text=True).stdout
+    seen = set()
+    for block in re.split(r"\n(?=[0-9a-f]+ <)", text):
+        m = re.match(r"[0-9a-f]+ <([^>]+)>:", block)
+        if not m:
+            continue
+        name = m.group(1)
+        seen.add(name)
+        if not name.endswith("_avx512"):
+            assert not re.search(r"%zmm|%k[0-7]", block), f"{name} uses AVX-512"
+        if not name.endswith(("_avx512", "_avx2")):
+            assert "%ymm" not in block, f"{name} uses AVX"
+    assert {"two_min_f_avx512", "two_min_f_avx2", "two_min_f_base", "cfm_assign"} <= seen
