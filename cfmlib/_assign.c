@@ -7,7 +7,8 @@
  *
  * Method. Prices p = -v; x[i][j] = c[i][j] + p[j] is the price-adjusted cost.
  *  1. A warm start: Bertsekas' auction with eps-scaling (1988), min-cost form, Gauss-Seidel, in
- *     single precision. The first, coarse phases scan whole rows. In the later phases every
+ *     single precision. The first, coarse phases scan whole rows, sweeping over the rows in order
+ *     and fetching the next row into the cache during each scan. In the later phases every
  *     row keeps a list of the columns within a threshold of its minimum; prices only rise, so
  *     every column outside the list stays above the threshold, and the row's two best columns
  *     can be read from its list as long as the second best does not exceed the threshold

@@ -239,16 +239,16 @@ def verify(cost, col, u, v) -> bool:
     rows = np.arange(n)
     if np.abs(cost[rows, col].astype(np.float64) - u - v[col]).max() > tol:
         return False
-    block = max(1, (1 << 18) // n)  # about 2 MB of float64 per block
+    # min_j (C_ij - v_j) per row, in blocks of rows (about 2 MB of float64 each), then minus u_i
+    block = max(1, (1 << 18) // n)
     buf = np.empty((block, n), dtype=np.float64)
+    row_min = np.empty(n, dtype=np.float64)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
         out = buf[: r1 - r0]
         np.subtract(cost[r0:r1], v, out=out)
-        out -= u[r0:r1, None]
-        if out.min() < -tol:
-            return False
-    return True
+        out.min(axis=1, out=row_min[r0:r1])
+    return bool((row_min - u).min() >= -tol)
 
 
 # ----------------------------------------------------------------------------- the solvers
