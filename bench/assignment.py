@@ -21,8 +21,11 @@ import statistics
 import time
 import warnings
 
-import numpy as np
-import torch
+# as in bench/run.py: idle OpenMP workers wait passively (spinning inflates every torch op on a busy machine)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SIZES = (256, 1024, 4096, 8192)
 SCIPY_MAX = 1024  # scipy needs about 40 s at n = 4,096 on these near-tied costs
@@ -37,9 +40,11 @@ def _clouds(n: int, seed: int = 9):
 
 
 def _time(fn):
-    t = time.perf_counter()
+    """Wall time and this thread's CPU time (the solvers are single-threaded; on a busy machine the
+    CPU time is the steadier figure)."""
+    t, c = time.perf_counter(), time.thread_time()
     out = fn()
-    return time.perf_counter() - t, out
+    return (time.perf_counter() - t, time.thread_time() - c), out
 
 
 def _pot(c64):
@@ -65,7 +70,7 @@ def measure(n: int, rounds: int) -> dict:
     c32 = cost.numpy()
     c64 = c32.astype(np.float64)
     rows = np.arange(n)
-    plans, logs, times = {}, {}, {}
+    plans, logs, times, cpus = {}, {}, {}, {}
     contestants = {
         "cost matrix (floor)": lambda: sq_cost(x1, x0),
         "cfmlib": lambda: assignment.solve(c32),
@@ -84,8 +89,9 @@ def measure(n: int, rounds: int) -> dict:
         for name in names:
             if name == "POT ot.emd" and n > POT_ROUNDS_ABOVE and r > 0:
                 continue
-            dt, out = _time(contestants[name])
+            (dt, cpu), out = _time(contestants[name])
             times.setdefault(name, []).append(dt)
+            cpus.setdefault(name, []).append(cpu)
             if name == "POT ot.emd":
                 plans[name], logs[name] = out
             elif name in ("cfmlib", "scipy"):
@@ -103,7 +109,7 @@ def measure(n: int, rounds: int) -> dict:
     pcol = plans["POT ot.emd"]
     checks["POT ot.emd"]["optimal status"] = log["result_code"] == 1
     checks["POT ot.emd"]["certificate"] = bool(assignment.verify(c32, pcol, c64[rows, pcol] - vp[pcol], vp))
-    return {"times": times, "checks": checks, "cost": best}
+    return {"times": times, "cpu": cpus, "checks": checks, "cost": best}
 
 
 def _ms(t):
@@ -127,25 +133,27 @@ def run(rounds: int = 5, *, sizes=SIZES) -> str:
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads; cfmlib backend: {assignment.backend()}; {rounds} interleaved rounds "
         f"(POT once above n = {POT_ROUNDS_ABOVE:,}); load average before {load_before}, after {load_after}. "
-        f"Times: median [min, max]; x: median over cfmlib's median.",
+        f"Wall time: median [min, max] over rounds; CPU: median CPU time of the solving thread (the cost "
+        f"matrix is built by torch's threads: wall time only); x: wall median over cfmlib's.",
         "",
         "| n | cost matrix (floor) | cfmlib (certificate included) | of which certificate | POT `ot.emd` "
         "| scipy `linear_sum_assignment` |",
         "|---|---|---|---|---|---|",
     ]
     for n, r in results.items():
-        t = r["times"]
+        t, cpu = r["times"], r["cpu"]
         ref = statistics.median(t["cfmlib"])
 
-        def cell(name, ratio=True):
+        def cell(name, ratio=True, with_cpu=True):
             if name not in t:
                 return "not run"
             ts = t[name]
             med = statistics.median(ts)
             spread = f" [{_ms(min(ts))}, {_ms(max(ts))}]" if len(ts) > 1 else " (1 run)"
-            return f"{_ms(med)}{spread}" + (f" ({med / ref:.1f}x)" if ratio else "")
+            return (f"{_ms(med)}{spread}" + (f"; CPU {_ms(statistics.median(cpu[name]))}" if with_cpu else "")
+                    + (f" ({med / ref:.1f}x)" if ratio else ""))
 
-        lines.append(f"| {n:,} | {cell('cost matrix (floor)', False)} | {cell('cfmlib', False)} "
+        lines.append(f"| {n:,} | {cell('cost matrix (floor)', False, False)} | {cell('cfmlib', False)} "
                      f"| {cell('cfmlib: certificate alone', False)} | {cell('POT ot.emd')} | {cell('scipy')} |")
     lines += ["", f"Every plan verified optimal: {all_ok}."]
     for n, r in results.items():
