@@ -292,13 +292,13 @@ class Sphere(Manifold):
         return self._angle(x, y)[0].squeeze(-1)
 
     def _geodesic(self, x0, x1, t):
-        v = self._log(x0, x1)  # |v| = theta = d(x0, x1)
-        theta = v.norm(dim=-1, keepdim=True)
-        tt = t.to(x0.dtype).reshape(-1, 1)
-        a = tt * theta
-        xt = torch.cos(a) * x0 + tt * _sinc(a) * v  # cos(t theta) x0 + sin(t theta) v / theta
-        ut = -theta * torch.sin(a) * x0 + torch.cos(a) * v  # its time derivative
-        return xt / xt.norm(dim=-1, keepdim=True), ut
+        # theta = d(x0, x1), e = the unit tangent at x0 towards x1 (0 when x1 = x0):
+        # x_t = cos(t theta) x0 + sin(t theta) e and its time derivative, without dividing by 1 - t
+        theta, w, s = self._angle(x0, x1)
+        e = w / torch.where(s > 1e-12, s, torch.ones_like(s))
+        a = t.to(x0.dtype).reshape(-1, 1) * theta
+        cos, sin = torch.cos(a), torch.sin(a)
+        return cos * x0 + sin * e, theta * (cos * e - sin * x0)
 
     def _uniform(self, n, generator, device, dtype):
         z = torch.randn(n, self.coord_dim, generator=generator, device=device, dtype=dtype)
