@@ -109,10 +109,20 @@ CHECK_JS = """
   }
   await document.fonts.ready;
   await Promise.all([...document.images].map(img => img.decode().catch(() => null)));
+  // where a problem is: the chapter whose anchor comes last before it
+  const anchors = chapters.map(doc => document.getElementById("document-" + doc)).filter(Boolean);
+  const where = node => {
+    let found = "the opening page";
+    for (const a of anchors) if (a.compareDocumentPosition(node) & Node.DOCUMENT_POSITION_FOLLOWING) found = a.id.slice(9);
+    return found;
+  };
   const broken = [...document.images].filter(img => !img.complete || img.naturalWidth === 0)
-                                     .map(img => img.getAttribute("src"));
+                                     .map(img => `${img.getAttribute("src")} (${where(img)})`);
   const missing = chapters.filter(doc => !document.getElementById("document-" + doc));
-  const mathErrors = [...document.querySelectorAll("mjx-merror")].map(e => e.textContent.slice(0, 80));
+  const mathErrors = mathjax() ? [...MathJax.startup.document.math]
+    .filter(item => item.typesetRoot && item.typesetRoot.querySelector("mjx-merror"))
+    .map(item => `${item.typesetRoot.querySelector("mjx-merror").getAttribute("data-mjx-error")}: `
+                 + `${item.math.trim().slice(0, 100)} (${where(item.typesetRoot)})`) : [];
   // raw TeX in the text a reader sees (code, scripts and typeset math left out)
   const raw = [];
   const walker = document.createTreeWalker(document.querySelector("article") || document.body,
@@ -120,7 +130,7 @@ CHECK_JS = """
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
     if (node.parentElement.closest("pre, code, script, style, mjx-container, .highlight")) continue;
     for (const tex of ["$$", "\\\\(", "\\\\[", "\\\\begin{"]) {
-      if (node.data.includes(tex)) raw.push(node.data.trim().slice(0, 80));
+      if (node.data.includes(tex)) raw.push(`${node.data.trim().slice(0, 80)} (${where(node)})`);
     }
   }
   return {broken, missing, mathErrors, raw,
