@@ -221,7 +221,7 @@ PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>Mini</title>
 <script defer src="_static/mathjax/tex-chtml.js"></script></head>
 <body><article class="bd-article"><section id="mini"><h1>Mini</h1><div class="toctree-wrapper">
 <span id="document-one"></span><section id="one"><h2>Chapter one</h2>
-<p>An identity: <span class="math notranslate nohighlight">\\(a^2 + b^2 = c^2\\)</span>.</p>
+<p>An identity: <span class="math notranslate nohighlight">\\({formula}\\)</span>.</p>
 <img src="{image}" alt="a figure"></section>
 <span id="document-two"></span><section id="two"><h2>Chapter two</h2>
 <div class="math notranslate nohighlight">\\[\\int_0^1 t \\, dt = \\frac{{1}}{{2}}\\]</div>
@@ -229,7 +229,7 @@ PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>Mini</title>
 </div></section></article></body></html>"""
 
 
-def mini_book(tmp_path, *, image="figure.png", mathjax=True, chapters=("one", "two")):
+def mini_book(tmp_path, *, image="figure.png", mathjax=True, chapters=("one", "two"), formula="a^2 + b^2 = c^2"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,7 +244,7 @@ def mini_book(tmp_path, *, image="figure.png", mathjax=True, chapters=("one", "t
     plt.plot([0, 1], [0, 1])
     plt.savefig(single / "figure.png")
     plt.close()
-    (single / "index.html").write_text(PAGE.format(image=image, more="Some words. " * 40))
+    (single / "index.html").write_text(PAGE.format(image=image, formula=formula, more="Some words. " * 40))
     (tmp_path / "_toc.yml").write_text(yaml.safe_dump(
         {"format": "jb-book", "root": "index", "parts": [{"caption": "Part", "chapters": [{"file": c} for c in chapters]}]}))
     (tmp_path / "_config.yml").write_text(yaml.safe_dump(
@@ -282,6 +282,7 @@ def test_the_tool_prints_a_small_book(tmp_path):
     (dict(image="no-such-figure.png"), "images that did not load"),
     (dict(mathjax=False), "MathJax typeset nothing"),
     (dict(chapters=("one", "two", "three")), "not in the single-page build: ['three']"),
+    (dict(formula="x^2^3"), "MathJax errors: ['Double exponent: use braces to clarify: x^2^3 (one)']"),
 ])
 def test_the_tool_refuses_to_print_a_broken_book(tmp_path, breakage, message):
     with pytest.raises(pdf_tool.PdfError, match=re.escape(message)):
