@@ -145,7 +145,7 @@ class _Compiled:
     """The C solver behind a :mod:`ctypes` handle."""
 
     def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(os.path.realpath(path))  # the file that was checked, not a link to it
         lib.cfm_abi.restype = ctypes.c_int
         lib.cfm_source_hash.restype = ctypes.c_char_p
         lib.cfm_isa.restype = ctypes.c_char_p
@@ -163,6 +163,9 @@ class _Compiled:
     def __call__(self, cost: np.ndarray, max_bids: int | None = None):
         """``(rc, col, v, stats)`` for a C-contiguous float32/float64 matrix; rc 0: solved, 1: out of memory,
         2: a cost is not finite, 3: internal failure."""
+        if (cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.dtype not in (np.float32, np.float64)
+                or not cost.flags.c_contiguous):
+            raise ValueError("the C solver needs a C-contiguous square float32 or float64 matrix")
         n = cost.shape[0]
         col = np.empty(n, dtype=np.int64)
         v = np.empty(n, dtype=np.float64)
