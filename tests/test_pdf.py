@@ -297,3 +297,23 @@ def test_toc_parts_follow_the_toc(tmp_path):
     assert pdf_tool.toc_parts(toc) == [{"caption": "A", "chapters": ["x/one", "x/two"]},
                                        {"caption": "B", "chapters": ["x/three"]}]
     assert toc_chapters() == [d for part in pdf_tool.toc_parts() for d in part["chapters"]]
+
+
+@pytest.mark.parametrize("script, message", [
+    ("exec sleep 60", "Chromium did not answer within 1 s (waiting for Browser.getVersion)"),
+    ("exit 3", "Chromium exited"),
+])
+def test_the_devtools_client_reports_a_silent_or_dead_browser(tmp_path, script, message):
+    import tempfile
+
+    browser = tmp_path / "browser"
+    browser.write_text(f"#!/bin/sh\n{script}\n")
+    browser.chmod(0o755)
+    with tempfile.TemporaryFile() as log:
+        tools = pdf_tool.DevTools(str(browser), tmp_path / "profile", log)
+        try:
+            with pytest.raises(pdf_tool.PdfError, match=re.escape(message)):
+                tools.call("Browser.getVersion", timeout=1)
+        finally:
+            tools.process.kill()
+            tools.close()

@@ -59,7 +59,7 @@ CHROMIUM_FLAGS = [
     "--no-first-run", "--disable-quic", "--hide-scrollbars", "--mute-audio",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=127.0.0.1:9",
 ]
-TIMEOUT = 300  # seconds for any one step (loading, typesetting, printing)
+TIMEOUT = 600  # seconds for any one step (loading, typesetting, printing); a few on an idle machine
 
 # Page.printToPDF: A4 portrait, page numbers centred in the footer.
 FOOTER = ('<div style="width:100%; font-size:8pt; text-align:center; color:#444;'
@@ -295,11 +295,11 @@ class DevTools:
         os.close(self._write)
         os.close(self._read)
 
-    def _message(self, deadline, waiting_for):
+    def _message(self, deadline, timeout, waiting_for):
         while (end := self._buffer.find(b"\0")) < 0:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self._read], [], [], left)[0]:
-                raise PdfError(f"Chromium did not answer within {TIMEOUT} s ({waiting_for})")
+                raise PdfError(f"Chromium did not answer within {timeout:.0f} s ({waiting_for})")
             chunk = os.read(self._read, 1 << 20)
             if not chunk:
                 raise PdfError(f"Chromium exited while {waiting_for} (exit code {self.process.poll()})")
@@ -314,11 +314,14 @@ class DevTools:
         if session:
             message["sessionId"] = session
         data = json.dumps(message).encode() + b"\0"
-        while data:
-            data = data[os.write(self._write, data):]
+        try:
+            while data:
+                data = data[os.write(self._write, data):]
+        except BrokenPipeError:
+            raise PdfError(f"Chromium exited before {method} (exit code {self.process.poll()})") from None
         deadline = time.monotonic() + timeout
         while True:
-            reply = self._message(deadline, f"waiting for {method}")
+            reply = self._message(deadline, timeout, f"waiting for {method}")
             if reply.get("id") == self._id:
                 if "error" in reply:
                     raise PdfError(f"{method} failed: {reply['error'].get('message')}")
@@ -331,7 +334,7 @@ class DevTools:
             for i, message in enumerate(self._events):
                 if message.get("method") == event and message.get("sessionId") == session:
                     return self._events.pop(i)
-            self._events.append(self._message(deadline, f"waiting for {event}"))
+            self._events.append(self._message(deadline, timeout, f"waiting for {event}"))
 
     def evaluate(self, session, expression, *args):
         """Runs `expression` (a JavaScript function) on JSON arguments and returns its result."""
