@@ -264,3 +264,15 @@ def test_a_nan_stops_training_within_check_every_steps():
     with pytest.raises(cfmlib.errors.NonFiniteLossError, match="step 3"):
         cfmlib.train(_mlp(), sampler, steps=50, batch_size=8, check_every=2, progress=False)
     assert len(calls) <= 4  # stopped at the first check after the bad step, not at the end
+
+
+def test_value_checks_run_every_call_on_cpu_and_on_calls_1_2_4_8_on_an_accelerator():
+    from types import SimpleNamespace
+
+    from cfmlib import _checks
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    due = [_checks.values_due("test-gpu-key", on_gpu) for _ in range(20)]
+    assert [i + 1 for i, d in enumerate(due) if d] == [1, 2, 4, 8, 16]
+    assert all(_checks.values_due("test-cpu-key", torch.zeros(1)) for _ in range(5))
+    assert not _checks.values_due("test-meta-key", torch.zeros(1, device="meta"))
