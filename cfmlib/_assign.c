@@ -512,8 +512,23 @@ static int relax_row(const solver_t *s, search_t *q, int i, double h) {
         size_t off = (size_t)i * s->n;
         int cnt = s->cf ? s->kn->relax_f(s->cf + off, s->p, h, i, q->d, q->pred, s->n, q->dfree, q->out)
                         : s->kn->relax_d(s->cd + off, s->p, h, i, q->d, q->pred, s->n, q->dfree, q->out);
-        for (int k = 0; k < cnt; k++)
-            if (reach(q, q->out[k], q->d[q->out[k]], i)) return 1;
+        /* first the nearest free column among those reached, then push only what is nearer: a column
+           at or beyond it can never be settled before the search ends (rows with many tied
+           columns would otherwise fill the heap) */
+        int jfree = -1;
+        for (int k = 0; k < cnt; k++) {
+            int j = q->out[k];
+            if (q->colsol[j] < 0 && q->d[j] < q->dfree) { q->dfree = q->d[j]; jfree = j; }
+        }
+        for (int k = 0; k < cnt; k++) {
+            int j = q->out[k];
+            if (q->d[j] < q->dfree || j == jfree) {
+                if (reach(q, j, q->d[j], i)) return 1;
+            } else if (q->mark[j] != q->sid) { /* reached but not worth a heap entry: reset it afterwards */
+                q->mark[j] = q->sid;
+                q->touched[q->nt++] = j;
+            }
+        }
         return 0;
     }
     const int *li = s->L.pidx + s->L.ofs[i];
@@ -581,6 +596,10 @@ int cfm_assign(const void *cost_matrix, int is_float, int64_t n64, int64_t *col,
         goto out;
     }
     double span = hi - lo;
+    if (span == 0) { /* all costs equal: every permutation is optimal */
+        for (int i = 0; i < n; i++) { col[i] = i; v[i] = 0.0; }
+        goto out;
+    }
     for (int j = 0; j < n; j++) { rowsol[j] = -1; colsol[j] = -1; owner[j] = -1; }
     int warm = n > 1 && max_bids > 0 && span > 0;
     double delta = span * list_rel;
