@@ -269,3 +269,30 @@ def test_wide_instructions_only_in_the_kernels_chosen_at_run_time():
         if not name.endswith(("_avx512", "_avx2")):
             assert "%ymm" not in block, f"{name} uses AVX"
     assert {"two_min_f_avx512", "two_min_f_avx2", "two_min_f_base", "cfm_assign"} <= seen
+
+
+@posix
+def test_group_write_is_accepted_only_for_a_user_private_group(tmp_path):
+    """umask 002 makes files group-writable; harmless when the group is the user's own private
+    group (named after the user, no other members), refused for any shared group."""
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.getuid())
+    folder = tmp_path / "lib"
+    folder.mkdir(mode=0o700)
+    f = folder / "x.so"
+    f.write_bytes(b"\0")
+    f.chmod(0o664)
+    own = grp.getgrgid(me.pw_gid)
+    if own.gr_name == me.pw_name and set(own.gr_mem) <= {me.pw_name}:
+        assert assignment._unsafe_reason(f) is None
+    else:
+        assert "writable by other users" in assignment._unsafe_reason(f)
+    shared = [g for g in grp.getgrall() if g.gr_gid != me.pw_gid and g.gr_name != me.pw_name]
+    if os.getuid() != 0 or not shared:
+        pytest.skip("changing a file's group to a shared group needs root")
+    os.chown(f, -1, shared[0].gr_gid)
+    assert "writable by other users" in assignment._unsafe_reason(f)
+    f.chmod(0o644)
+    assert assignment._unsafe_reason(f) is None  # not group-writable: the group does not matter
