@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _checks, assignment as _assignment
+from . import _checks, assignment
 from .models import data_shape
 from .paths import get_path
 from .solvers import sample
@@ -50,7 +50,7 @@ def _cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def _solve(cost: torch.Tensor) -> torch.Tensor:
     """Row ``i`` of ``cost`` is matched to column ``col[i]``: an exact minimum-cost assignment."""
-    return torch.from_numpy(_assignment.solve(cost))
+    return torch.from_numpy(assignment.solve(cost))
 
 
 class Coupling:
