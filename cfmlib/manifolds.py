@@ -407,9 +407,11 @@ class GeodesicPath(ProbabilityPath):
 
     and the loss :math:`\lVert P_{x_t} v_\theta(x_t, t) - u_t(x_t \mid x_1)\rVert_g^2` (the model's output
     projected onto the tangent space at :math:`x_t`, the squared Riemannian norm).  Pass it to
-    :func:`cfmlib.train` as ``path=GeodesicPath("sphere")``; sample with :func:`sample`.
-    The coupling must be ``'independent'`` (the minibatch-OT coupling of :mod:`cfmlib.couplings`
-    uses the Euclidean cost).
+    :func:`cfmlib.training.train` as ``path=GeodesicPath("sphere")``; sample with :func:`sample`.
+    Any coupling gives a valid loss; the minibatch-OT coupling of :mod:`cfmlib.couplings` pairs by the
+    squared Euclidean distance of the coordinates (the chord on the sphere, unwrapped angles on the
+    torus), not by the geodesic distance.  ``cfmlib.solvers.sample`` does not apply (its steps would
+    leave the manifold).
     """
 
     name = "geodesic"
@@ -744,7 +746,7 @@ class VonMisesFisherMixture:
     with respect to the area of the sphere.  Sampled exactly (Wood, 1994): on :math:`S^2` the cosine
     :math:`w = \mu^\top x` has the density :math:`\propto e^{\kappa w}` on :math:`[-1, 1]`, whose inverse
     CDF is :math:`w = 1 + \kappa^{-1}\log\big(u + (1 - u)e^{-2\kappa}\big)`, and the direction around
-    :math:`\mu` is uniform.  Call it as a sampler, ``q(n, generator=g)``, for :func:`cfmlib.train` and
+    :math:`\mu` is uniform.  Call it as a sampler, ``q(n, generator=g)``, for :func:`cfmlib.training.train` and
     :func:`cfmlib.metrics.data_band`.
 
     Args:
