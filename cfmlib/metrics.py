@@ -151,8 +151,8 @@ def _values(name, values) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BandVerdict:
-    """How model distances (one per seed) sit against a :class:`Band`: their ``mean`` and ``std``
-    over seeds, how many lie ``below``, ``inside`` and ``above`` the band, and a one-word ``verdict``:
+    """How model distances (one per seed, or per evaluation draw) sit against a :class:`Band`: their
+    ``mean`` and ``std``, how many lie ``below``, ``inside`` and ``above`` the band, and a one-word ``verdict``:
     ``'indistinguishable'`` (every value inside the band), ``'worse'`` (every value above it),
     ``'below'`` (every value below it: chance, or samples that copy the training set) or ``'mixed'``."""
 
@@ -165,7 +165,7 @@ class BandVerdict:
 
     def __str__(self) -> str:
         n = self.below + self.inside + self.above
-        spread = f" ± {self.std:.3g} over {n} seeds" if n > 1 else ""
+        spread = f" ± {self.std:.3g} over {n} values" if n > 1 else ""
         return (f"{self.mean:.3g}{spread}: {self.verdict} ({self.inside} of {n} inside the band, "
                 f"{self.above} above, {self.below} below)")
 
@@ -221,6 +221,16 @@ class Band:
         return (f"{self.metric} between two data draws of n = {self.n}: {self.mean:.3g} ± {self.std:.3g} "
                 f"(band {self.lo:.3g} to {self.hi:.3g} over {len(self.values)} repeats)")
 
+
+    def compare_mean(self, values, *, z: float = 2.0) -> "RunComparison":
+        """Several model distances (one per seed or evaluation draw) against the band as two samples:
+        the difference of their mean from the band's mean, with its standard error
+        (:func:`compare_runs`; ``'a lower'`` means the model is closer than two data draws are).
+
+        Prefer this to :meth:`compare` for several values: even a model with the data's distribution
+        has each value outside ``[lo, hi]`` with probability about ``2 / (repeats + 1)``, so with many
+        seeds :meth:`compare` often says ``'mixed'`` by chance alone."""
+        return compare_runs(values, self.values, z=z, names=("model", "data vs data"))
 
 def data_band(data, n: int, *, metric="w2", repeats: int = 20, generator: torch.Generator | None = None) -> Band:
     r"""The band of a sample distance between two independent draws of ``n`` data points.

@@ -110,3 +110,15 @@ def test_compare_runs():
         compare_runs([1.0, float("nan")], [1.0, 2.0])
     with pytest.raises(TypeError, match="names"):
         compare_runs([1.0], [2.0], names="ab")
+
+
+def test_band_compare_mean_tests_the_mean_not_each_value():
+    data = get_dataset("8gaussians")
+    g = torch.Generator().manual_seed(9)
+    band = data_band(data, 200, repeats=20, generator=g)
+    ref = data(200, generator=g)
+    exact = [w2(data(200, generator=g), ref) for _ in range(8)]
+    shifted = [w2(data(200, generator=g) + 0.7, ref) for _ in range(8)]
+    assert band.compare_mean(exact).verdict == "no clear difference"
+    assert band.compare_mean(shifted).verdict == "b lower"  # the data-vs-data distances are lower
+    assert "data vs data lower" in str(band.compare_mean(shifted))
