@@ -28,7 +28,7 @@ import pdf as pdf_tool  # noqa: E402
 
 PDF = ROOT / "_build" / "pdf" / "flow-matching.pdf"
 HTML = ROOT / "_build" / "html"
-RAW_TEX = ("$$", "\\begin{", "\\end{", "\\(", "\\)", "\\[", "\\]", "\\frac{", "\\mathbb{")
+RAW_TEX = ("$$", "\\begin{", "\\end{", "\\(", "\\)", "\\[", "\\]")  # in prose; code may hold TeX
 HIDDEN = {"remove-cell", "remove-output", "hide-cell"}  # cells whose outputs the PDF leaves out
 
 
@@ -101,12 +101,20 @@ def book():
              if source(doc).stat().st_mtime > PDF.stat().st_mtime]
     assert not newer, f"the PDF is older than {newer}: run `make pdf` again"
     reader = PdfReader(PDF)
-    pages = reader.pages
-    texts = [page.extract_text() or "" for page in pages]
-    images = [len(page.images) for page in pages]
+    texts, prose = [], []
+    for page in reader.pages:
+        chunks = []  # the text set in other fonts than the monospaced one of code
+
+        def visit(text, cm, tm, font, size, chunks=chunks):
+            if "Mono" not in str((font or {}).get("/BaseFont", "")):
+                chunks.append(text)
+
+        texts.append(page.extract_text(visitor_text=visit) or "")
+        prose.append("".join(chunks))
+    images = [len(page.images) for page in reader.pages]
     dests = {str(name).removeprefix("/"): reader.get_destination_page_number(dest)
              for name, dest in reader.named_destinations.items()}
-    return reader, texts, images, dests
+    return reader, texts, images, dests, prose
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +145,7 @@ def fonts(page):
 
 
 def test_every_chapter_of_the_toc_starts_a_page_with_its_title(printed):
-    reader, texts, _, dests = printed
+    reader, texts, _, dests, _ = printed
     ranges = chapter_ranges(dests, len(texts))
     assert len(ranges) == len(toc_chapters()) >= 10
     for doc, pages in ranges.items():
@@ -146,7 +154,7 @@ def test_every_chapter_of_the_toc_starts_a_page_with_its_title(printed):
 
 
 def test_every_chapter_shows_its_figures(printed):
-    _, texts, images, dests = printed
+    _, texts, images, dests, _ = printed
     expected = {doc: figures(doc) for doc in toc_chapters()}
     for doc, pages in chapter_ranges(dests, len(texts)).items():
         if source(doc).suffix == ".ipynb":
@@ -157,8 +165,8 @@ def test_every_chapter_shows_its_figures(printed):
 
 
 def test_math_is_typeset_and_no_raw_tex_is_left(printed):
-    reader, texts, _, dests = printed
-    for i, text in enumerate(texts):
+    reader, texts, _, dests, prose = printed
+    for i, text in enumerate(prose):
         left = [tex for tex in RAW_TEX if tex in text]
         assert not left, f"page {i + 1} shows raw TeX {left}: MathJax did not typeset it"
     for doc, pages in chapter_ranges(dests, len(texts)).items():
@@ -168,7 +176,7 @@ def test_math_is_typeset_and_no_raw_tex_is_left(printed):
 
 
 def test_cover_and_contents_with_the_right_page_numbers(printed):
-    _, texts, _, dests = printed
+    _, texts, _, dests, _ = printed
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert squash(config["title"]) in squash(texts[0]), "the cover does not show the book's title"
     assert squash(pdf_tool.pages_url(config["repository"]["url"])) in squash(texts[0])
@@ -187,7 +195,7 @@ FOOTER = r"(?<!\d){page} / {count}\s*$"
 
 
 def test_every_page_is_numbered(printed):
-    _, texts, _, _ = printed
+    _, texts, _, _, _ = printed
     count = len(texts)
     assert count > 50
     for i, text in enumerate(texts):
@@ -196,7 +204,7 @@ def test_every_page_is_numbered(printed):
 
 
 def test_no_page_is_blank(printed):
-    _, texts, images, _ = printed
+    _, texts, images, _, _ = printed
     count = len(texts)
     for i, text in enumerate(texts):
         body = re.sub(FOOTER.format(page=i + 1, count=count), "", text).strip()
