@@ -325,3 +325,12 @@ def test_the_devtools_client_reports_a_silent_or_dead_browser(tmp_path, script, 
         finally:
             tools.process.kill()
             tools.close()
+
+
+def test_the_tool_notices_contents_that_outgrow_their_pages(tmp_path, monkeypatch):
+    """Page numbers are written into room kept for them; if they took more, the pages would move."""
+    monkeypatch.setattr(pdf_tool, "FILL_PAGES_JS", """((pages) => {
+      for (const span of document.querySelectorAll("#pdf-toc .pdf-page")) span.textContent = "9 ".repeat(3000);
+    })""")
+    with pytest.raises(pdf_tool.PdfError, match="moved the pages after it"):
+        print_mini(tmp_path)
