@@ -6,6 +6,8 @@ tensor, and optional integer class labels ``y`` of shape ``(batch,)``, where
 the label ``num_classes`` is the *null* label used for classifier-free
 guidance.  Each model keeps the keyword arguments it was built with in
 ``model.config`` so that a checkpoint can rebuild it (:func:`build_model`).
+Chapter 11 adds two helpers that are not fields: a small :class:`Autoencoder` for
+latent flow matching and a :class:`Classifier` whose features feed the Fréchet distance.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from torch import nn
 
 from . import _checks
 
-__all__ = ["MLP", "UNet", "CFGField", "guided", "time_as_batch", "build_model", "data_shape", "MODELS"]
+__all__ = ["MLP", "UNet", "CFGField", "guided", "time_as_batch", "build_model", "data_shape", "MODELS",
+           "Autoencoder", "Classifier"]
 
 
 def time_as_batch(t, x: torch.Tensor) -> torch.Tensor:
@@ -268,3 +271,122 @@ class CFGField(nn.Module):
 def guided(model: nn.Module, w: float) -> CFGField:
     r"""Shorthand for :class:`CFGField`: the field :math:`(1 + w) v(x, t, y) - w v(x, t, \varnothing)`."""
     return CFGField(model, w)
+
+
+# --- a small autoencoder and a digit classifier (chapter 11) -------------------------------------
+
+def _mlp(sizes) -> nn.Sequential:
+    """Linear layers of the given sizes with SiLU between them (none after the last)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+def _check_data_shape(data_shape) -> tuple:
+    if not isinstance(data_shape, (tuple, list)) or not data_shape or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in data_shape):
+        raise ValueError(f"data_shape must be a tuple of positive ints (one sample's shape, e.g. (1, 8, 8)), "
+                         f"got {data_shape!r}")
+    return tuple(int(s) for s in data_shape)
+
+
+def _flat(name: str, x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != shape:
+        raise ValueError(f"{name} must have shape (batch, {', '.join(map(str, shape))}), got {_checks.describe(x)}")
+    return x.flatten(1)
+
+
+class Autoencoder(nn.Module):
+    r"""A small fully connected autoencoder for latent flow matching (chapter 11).
+
+    The encoder maps a sample ``x`` of shape ``data_shape`` to a latent :math:`z \in \mathbb R^{\mathrm{latent}}`
+    through ``depth`` hidden layers of width ``hidden`` (SiLU), the decoder maps back the same way:
+    :math:`\hat x = \mathrm{dec}(\mathrm{enc}(x))`, trained by the reader on :math:`\lVert \hat x - x\rVert^2`.
+    :meth:`encode` returns *standardised* latents :math:`(\mathrm{enc}(x) - m)/s` with per-coordinate
+    buffers ``m``, ``s`` (0 and 1 until :meth:`fit_latent_scale` sets them from data), so that the
+    latents have the scale of the flow's source :math:`N(0, I)`; :meth:`decode` undoes it.
+
+    Args:
+        data_shape: the shape of one sample, e.g. ``(1, 8, 8)``.
+        latent: latent dimension.
+        hidden: width of the hidden layers.
+        depth: hidden layers in each of the encoder and the decoder.
+    """
+
+    def __init__(self, data_shape=(1, 8, 8), latent: int = 8, hidden: int = 128, depth: int = 2):
+        super().__init__()
+        self.data_shape = _check_data_shape(data_shape)
+        _checks.positive_int("latent", latent)
+        _checks.positive_int("hidden", hidden)
+        _checks.positive_int("depth", depth)
+        self.config = dict(kind="autoencoder", data_shape=self.data_shape, latent=latent, hidden=hidden, depth=depth)
+        self.latent = latent
+        d = math.prod(self.data_shape)
+        self.encoder = _mlp([d] + [hidden] * depth + [latent])
+        self.decoder = _mlp([latent] + [hidden] * depth + [d])
+        self.register_buffer("latent_mean", torch.zeros(latent))
+        self.register_buffer("latent_std", torch.ones(latent))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised latents ``(batch, latent)`` of samples ``(batch, *data_shape)``."""
+        return (self.encoder(_flat("x", x, self.data_shape)) - self.latent_mean) / self.latent_std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Samples ``(batch, *data_shape)`` decoded from standardised latents ``(batch, latent)``."""
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != self.latent:
+            raise ValueError(f"z must have shape (batch, {self.latent}), got {_checks.describe(z)}")
+        return self.decoder(z * self.latent_std + self.latent_mean).reshape(-1, *self.data_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction ``decode(encode(x))``."""
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def fit_latent_scale(self, x: torch.Tensor) -> "Autoencoder":
+        """Set the latent mean and standard deviation (per coordinate) from the samples ``x`` (at least 2),
+        so that ``encode(x)`` has mean 0 and standard deviation 1 in every coordinate. Returns ``self``."""
+        raw = torch.cat([self.encoder(c) for c in _flat("x", x, self.data_shape).split(4096)])
+        if raw.shape[0] < 2:
+            raise ValueError(f"fit_latent_scale needs at least 2 samples, got {raw.shape[0]}")
+        self.latent_mean.copy_(raw.mean(0))
+        self.latent_std.copy_(raw.std(0).clamp(min=1e-8))
+        return self
+
+
+class Classifier(nn.Module):
+    r"""A fully connected classifier with a feature layer (chapter 11): ``x`` of shape ``data_shape`` ->
+    ``hidden`` units -> ``features`` units (:meth:`features`, the map behind
+    :func:`cfmlib.metrics.frechet_distance`) -> ``num_classes`` logits, SiLU in between.
+
+    Args:
+        data_shape: the shape of one sample, e.g. ``(1, 8, 8)``.
+        num_classes: number of classes.
+        hidden, features: widths of the two hidden layers.
+    """
+
+    def __init__(self, data_shape=(1, 8, 8), num_classes: int = 10, hidden: int = 128, features: int = 32):
+        super().__init__()
+        self.data_shape = _check_data_shape(data_shape)
+        _checks.positive_int("num_classes", num_classes)
+        _checks.positive_int("hidden", hidden)
+        _checks.positive_int("features", features)
+        self.config = dict(kind="classifier", data_shape=self.data_shape, num_classes=num_classes, hidden=hidden,
+                           features=features)
+        self.num_classes = num_classes
+        self.body = nn.Sequential(_mlp([math.prod(self.data_shape), hidden, features]), nn.SiLU())
+        self.head = nn.Linear(features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer, ``(batch, features)``."""
+        return self.body(_flat("x", x, self.data_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(batch, num_classes)``."""
+        return self.head(self.features(x))
+
+
+MODELS["autoencoder"] = Autoencoder
+MODELS["classifier"] = Classifier

@@ -1,4 +1,4 @@
-r"""Affine Gaussian conditional probability paths (chapters 5, 6 and 10).
+r"""Affine Gaussian conditional probability paths (chapters 5, 6, 10 and 11).
 
 A path is fixed by two scalar schedules of time, :math:`\alpha_t` and
 :math:`\sigma_t`.  Given a data point ``x1`` and a noise sample ``x0 ~ N(0, I)``,
@@ -11,7 +11,8 @@ to data (``t = 1``), as in Lipman et al. (2023).  Everything else -- samples
 ``xt``, the conditional target field ``ut``, conditional scores and the
 conversions between velocity, score and noise prediction -- is derived from
 the schedule in this one base class.  Adding a path means writing
-``alpha`` and ``sigma`` (and, for speed, their derivatives).
+``alpha`` and ``sigma`` (and, for speed, their derivatives).  :class:`PredictionPath`
+trains a network to predict the data or the noise instead of the velocity (chapter 11).
 
 Shapes: ``x0``, ``x1``, ``x`` are ``(batch, ...)``; ``t`` is a number or a
 ``(batch,)`` / ``(batch, 1)`` tensor with values in ``[0, 1]``.
@@ -26,7 +27,7 @@ import torch
 from . import _checks
 
 __all__ = ["ProbabilityPath", "AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path",
-           "SchedulerChange", "scheduler_change"]
+           "SchedulerChange", "scheduler_change", "TARGETS", "PredictionPath", "PredictedVelocity"]
 
 
 def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -329,6 +330,38 @@ class AffinePath(ProbabilityPath):
         eps = -s * score
         return da / a * x + (ds - da * s / a) * eps
 
+    def x1_to_velocity(self, x1: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""Velocity from a data prediction (chapter 11): with :math:`\hat x_0 = (x - \alpha_t\hat x_1)/\sigma_t`,
+        :math:`v = \dot\alpha_t\hat x_1 + \dot\sigma_t\hat x_0 = \big(\dot\sigma_t x - (\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)\hat x_1\big)/\sigma_t`
+        (needs :math:`\sigma_t > 0`; for CondOT, :math:`(\hat x_1 - x)/(1 - t)`)."""
+        t, (a, s, da, ds) = self._xv(x1, x, t, "x1")
+        self._nonzero("sigma_t", s.reshape(-1), t, "the conversion")
+        return (ds * x - (a * ds - s * da) * x1) / s
+
+    def log_snr(self, t) -> torch.Tensor:
+        r"""The log signal-to-noise ratio :math:`\lambda_t = \log(\alpha_t/\sigma_t)`, shape ``(batch,)``
+        (``-inf`` where :math:`\alpha_t = 0`, ``+inf`` where :math:`\sigma_t = 0`; chapter 11's samplers)."""
+        t = _checks.time("t", t)
+        t = t.reshape(-1) if t.ndim else t.reshape(1)
+        return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
+
+    def time_of_log_snr(self, lam, *, iters: int = 100) -> torch.Tensor:
+        r"""The time :math:`t \in [0, 1]` at which :math:`\log(\alpha_t/\sigma_t) = \lambda` (bisection; the
+        ratio must increase with :math:`t`, as for every path in :data:`PATHS`).  ``lam``: a number or a
+        ``(n,)`` tensor; values beyond the path's range give the end of ``[0, 1]`` nearest to them.
+        Returns float64 times of shape ``(n,)``."""
+        _checks.positive_int("iters", iters)
+        lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1)
+        if bool(torch.isnan(lam).any()):
+            raise ValueError("lam contains NaN; pass log signal-to-noise ratios (numbers, +-inf allowed)")
+        lo, hi = torch.zeros_like(lam), torch.ones_like(lam)
+        for _ in range(iters):  # sign of alpha - e^lam sigma, written without dividing by sigma
+            mid = 0.5 * (lo + hi)
+            a, s = self.alpha(mid), self.sigma(mid)
+            up = torch.where(lam > 0, a * torch.exp(-lam) < s, a < torch.exp(lam) * s)
+            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+        return 0.5 * (lo + hi)
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
         return f"{type(self).__name__}({params})"
@@ -549,3 +582,121 @@ def scheduler_change(path, other, t, *, iters: int = 100) -> SchedulerChange:
     ds = (ab * (da - s * dab * dr) + sb * (ds_ - s * dsb * dr)) / norm
     shape, dtype = t_in.shape, t_in.dtype
     return SchedulerChange(*(v.reshape(shape).to(dtype) for v in (r, s, dr, ds)))
+
+
+# --- prediction targets (chapter 11) ----------------------------------------------------------
+#: What a network can be trained to output on an affine Gaussian path (:class:`PredictionPath`).
+TARGETS = ("velocity", "x1", "x0")
+
+
+class PredictionPath(ProbabilityPath):
+    r"""An affine Gaussian path on which the network predicts ``target`` instead of the velocity (chapter 11).
+
+    * ``'velocity'`` -- the CFM loss :math:`\lVert v_\theta(x_t, t) - (\dot\alpha_t x_1 + \dot\sigma_t x_0)\rVert^2`;
+    * ``'x1'`` -- data prediction, :math:`\lVert \hat x_{1,\theta}(x_t, t) - x_1\rVert^2`;
+    * ``'x0'`` -- noise prediction, :math:`\lVert \hat x_{0,\theta}(x_t, t) - x_0\rVert^2` (DDPM's :math:`\epsilon`).
+
+    Noise, times, couplings and argument checks are the wrapped path's, so
+    ``cfmlib.train(model, data, path=PredictionPath("condot", "x1"))`` trains a data predictor with the
+    ordinary training loop.  The three losses have the same minimiser up to the conversions of chapter 10,
+    but they weight the times differently: with :math:`D_t = \alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t`, a
+    prediction error :math:`e` is a velocity error :math:`-D_t e/\sigma_t` (``'x1'``) or :math:`D_t e/\alpha_t`
+    (``'x0'``), so each loss is the velocity loss with the weight :meth:`velocity_weight`,
+    :math:`\sigma_t^2/D_t^2` or :math:`\alpha_t^2/D_t^2` (for CondOT :math:`(1-t)^2` and :math:`t^2`).
+    :meth:`velocity` turns a trained predictor into a velocity field for the solvers.
+
+    Args:
+        path: an :class:`AffinePath` or a name for :func:`get_path`.
+        target: one of :data:`TARGETS`.
+    """
+
+    def __init__(self, path="condot", target: str = "x1"):
+        self.path = get_path(path)
+        if not isinstance(self.path, AffinePath):
+            raise TypeError(f"path must be an AffinePath (a Gaussian path x_t = alpha_t x1 + sigma_t x0), "
+                            f"got {_checks.describe(self.path)}")
+        self.target = _checks.choice("target", target, TARGETS)
+        self.name = f"{self.path.name}-{self.target}"
+        self.t_max = self.path.t_max
+
+    # what training needs: the wrapped path's, except the loss
+    def draw_x0(self, x1, generator=None):
+        return self.path.draw_x0(x1, generator)
+
+    def coupling_source(self, x0):
+        return self.path.coupling_source(x0)
+
+    def draw_t(self, n, sampler, generator, device, dtype):
+        return self.path.draw_t(n, sampler, generator, device, dtype)
+
+    def check_data(self, name, x1):
+        self.path.check_data(name, x1)
+
+    def check_batch(self, x0, x1, t, model=None):
+        return self.path.check_batch(x0, x1, t, model)
+
+    def loss(self, model, x0, x1, t, y=None, weight=None) -> torch.Tensor:
+        r"""Mean over the batch of :math:`w_j \lVert f_\theta(x_{t_j}, t_j) - \text{target}_j\rVert^2`, without
+        argument checks (:func:`cfmlib.training.cfm_loss` checks); ``t`` a ``(batch,)`` tensor."""
+        if self.target == "velocity":
+            return self.path.loss(model, x0, x1, t, y, weight)
+        xt = _bc(self.path.alpha(t), x1) * x1 + _bc(self.path.sigma(t), x0) * x0
+        out = model(xt, t) if y is None else model(xt, t, y)
+        goal = x1 if self.target == "x1" else x0
+        if out.shape != goal.shape:
+            raise ValueError(f"the model returned shape {tuple(out.shape)} for inputs of shape {tuple(xt.shape)}; "
+                             f"a {self.target} predictor must return one value per input coordinate")
+        dt = torch.promote_types(torch.promote_types(out.dtype, goal.dtype), torch.float32)
+        err = (out.to(dt) - goal.to(dt)).pow(2).flatten(1).sum(1)
+        if weight is not None:
+            err = err * weight.to(dt)
+        return err.mean()
+
+    def velocity_weight(self, t) -> torch.Tensor:
+        r"""The weight :math:`w_t` with which this loss is the velocity loss: ``1``, :math:`\sigma_t^2/D_t^2`
+        (``'x1'``) or :math:`\alpha_t^2/D_t^2` (``'x0'``), :math:`D_t = \alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t`;
+        shape ``(batch,)``."""
+        a, s, da, ds = self.path.schedule(t)
+        if self.target == "velocity":
+            return torch.ones_like(a)
+        det2 = (a * ds - s * da) ** 2
+        return (s if self.target == "x1" else a) ** 2 / det2
+
+    def to_velocity(self, pred: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        r"""The velocity of a prediction at ``(x, t)``: :meth:`AffinePath.x1_to_velocity` (needs
+        :math:`\sigma_t > 0`), :meth:`AffinePath.noise_to_velocity` (needs :math:`\alpha_t > 0`) or ``pred`` itself."""
+        if self.target == "x1":
+            return self.path.x1_to_velocity(pred, x, t)
+        if self.target == "x0":
+            return self.path.noise_to_velocity(pred, x, t)
+        return pred
+
+    def velocity(self, model) -> "PredictedVelocity":
+        """The velocity field of a model trained on this path (a module for :mod:`cfmlib.solvers`)."""
+        return PredictedVelocity(model, self)
+
+    def __repr__(self) -> str:
+        return f"PredictionPath({self.path!r}, target={self.target!r})"
+
+
+class PredictedVelocity(torch.nn.Module):
+    r"""The velocity field :math:`v(x, t[, y])` of a network trained on a :class:`PredictionPath`: the network's
+    prediction converted with :meth:`PredictionPath.to_velocity` (chapter 11).  Called like a model,
+    ``field(x, t)`` or ``field(x, t, y)``, so the solvers, :func:`cfmlib.models.guided` and
+    :func:`cfmlib.solvers.sample` (``config``, ``num_classes``) take it as they take the network.
+    A solver must not evaluate it where the conversion divides by zero: at :math:`\sigma_t = 0` for
+    ``'x1'`` (CondOT: ``t = 1``) and at :math:`\alpha_t = 0` for ``'x0'`` (CondOT: ``t = 0``)."""
+
+    def __init__(self, model: torch.nn.Module, path: PredictionPath):
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {_checks.describe(model)}")
+        if not isinstance(path, PredictionPath):
+            raise TypeError(f"path must be a PredictionPath, got {_checks.describe(path)}")
+        self.model, self.prediction = model, path
+        self.config = getattr(model, "config", None)
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        pred = self.model(x, t) if y is None else self.model(x, t, y)
+        return self.prediction.to_velocity(pred, x, t)

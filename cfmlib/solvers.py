@@ -5,6 +5,9 @@ Fixed-step Euler, midpoint and RK4 run in a lean loop; adaptive methods
 The field is always called as ``v(x, t, **kwargs)`` with ``t`` a ``(batch,)``
 tensor, so a :mod:`cfmlib.models` network can be passed directly.  Every
 solve counts its function evaluations (NFE), the unit of sampling cost.
+Chapter 11 adds samplers for a trained model: non-uniform time grids (:func:`time_grid`), Heun's
+second-order steps on any grid (:func:`odeint_grid`) and the exponential integrators DDIM and
+DPM-Solver++(2M) for Gaussian paths (:func:`exponential_integrator`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from .device import get_device
 from .models import data_shape
 from .paths import get_path
 
-__all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "sdeint"]
+__all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "sdeint",
+           "GRID_METHODS", "GRIDS", "time_grid", "odeint_grid", "exponential_integrator"]
 
 #: Fixed-step methods, run in cfmlib's own loop.
 FIXED_METHODS = ("euler", "midpoint", "rk4")
@@ -270,3 +274,201 @@ def sdeint(v, x: torch.Tensor, path, t0: float = 0.0, t1: float | None = None, *
         if trajectory:
             states.append(x)
     return Solution(x, nfe, torch.stack(states) if trajectory else None, times if trajectory else None)
+
+
+# --- samplers for a trained model: time grids, Heun, exponential integrators (chapter 11) ----------
+#: Fixed-step methods of :func:`odeint_grid` (``'heun'``: the explicit trapezoidal rule, 2 NFE per step).
+GRID_METHODS = ("euler", "midpoint", "heun", "rk4")
+#: Time grids of :func:`time_grid`.
+GRIDS = ("uniform", "edm", "logsnr")
+
+
+def _affine(path, who):
+    from .paths import AffinePath
+
+    path = get_path(path)
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"{who} needs an AffinePath (a Gaussian path x_t = alpha_t x1 + sigma_t x0), "
+                        f"got {_checks.describe(path)}")
+    return path
+
+
+def time_grid(steps: int, kind: str = "uniform", *, path="condot", t0: float = 0.0, t1: float | None = None,
+              rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+    r"""Times :math:`t_0 < t_1 < \dots < t_N` (``N = steps``) for the fixed-step samplers (chapter 11).
+
+    * ``'uniform'`` -- equal steps from ``t0`` to ``t1`` (default ``path.t_max``).
+    * ``'edm'`` -- Karras et al. (2022): the noise-to-signal ratio :math:`r_t = \sigma_t/\alpha_t` of the path
+      (the noise level of the equivalent variance-exploding path) falls from :math:`r_{\max}` to
+      :math:`r_{\min}` evenly in :math:`r^{1/\rho}`,
+      :math:`r_i = \big(r_{\max}^{1/\rho} + \tfrac iN(r_{\min}^{1/\rho} - r_{\max}^{1/\rho})\big)^\rho`, with
+      :math:`r_{\max} = \min(\sigma_{\max}, r_{t_0})` and :math:`r_{\min} = \max(\sigma_{\min}, r_{t_1})`;
+      large ``rho`` crowds the steps towards the data end.
+    * ``'logsnr'`` -- even steps in :math:`\lambda_t = \log(\alpha_t/\sigma_t)` between the same limits
+      (the ``rho -> inf`` limit of ``'edm'``; the grid of DPM-Solver).
+
+    The ratio grids are mapped to times through the path (:meth:`cfmlib.paths.AffinePath.time_of_log_snr`),
+    and their end points are then set to ``t0`` and ``t1`` exactly, so every grid starts at the source and
+    ends where sampling ends.  Returns a float64 tensor of shape ``(steps + 1,)``.
+    """
+    _checks.positive_int("steps", steps)
+    _checks.choice("kind", kind, GRIDS)
+    path = get_path(path)
+    t0 = _checks.number("t0", t0, lo=0.0, hi=1.0)
+    t1 = _checks.number("t1", path.t_max if t1 is None else t1, lo=0.0, hi=1.0)
+    if not t1 > t0:
+        raise ValueError(f"a time grid runs forward: need t0 < t1, got t0={t0}, t1={t1}")
+    if kind == "uniform":
+        return torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
+    path = _affine(path, f"time_grid(kind={kind!r})")
+    rho = _checks.number("rho", rho, lo=0.0, lo_open=True)
+    sigma_min = _checks.number("sigma_min", sigma_min, lo=0.0, lo_open=True)
+    sigma_max = _checks.number("sigma_max", sigma_max, lo=sigma_min, lo_open=True)
+    lam = path.log_snr(torch.tensor([t0, t1], dtype=torch.float64))
+    lam_lo, lam_hi = max(float(lam[0]), -math.log(sigma_max)), min(float(lam[1]), -math.log(sigma_min))
+    if not lam_hi > lam_lo:
+        raise ValueError(f"the path's noise-to-signal ratio on [t0, t1] = [{t0}, {t1}] does not overlap "
+                         f"[sigma_min, sigma_max] = [{sigma_min}, {sigma_max}]; widen them")
+    i = torch.arange(steps + 1, dtype=torch.float64) / steps
+    if kind == "edm":
+        r_hi, r_lo = math.exp(-lam_lo) ** (1 / rho), math.exp(-lam_hi) ** (1 / rho)
+        lams = -rho * torch.log(r_hi + i * (r_lo - r_hi))
+    else:
+        lams = lam_lo + i * (lam_hi - lam_lo)
+    times = path.time_of_log_snr(lams)
+    times[0], times[-1] = t0, t1
+    if not bool((times[1:] > times[:-1]).all()):
+        raise ValueError(f"the {kind!r} grid of {steps} steps has repeated times (steps too many for the "
+                         f"ratio range); use fewer steps or widen sigma_min, sigma_max")
+    return times
+
+
+def _grid(times, x):
+    if isinstance(times, (list, tuple)):
+        times = torch.tensor(times, dtype=torch.float64)
+    _checks.tensor("times", times, ndim=1)
+    if times.shape[0] < 2:
+        raise ValueError(f"times must hold at least two times (one step), got {times.shape[0]}")
+    if bool(((times < 0) | (times > 1)).any()):
+        raise ValueError(f"times must lie in [0, 1], got values in [{float(times.min()):.4g}, {float(times.max()):.4g}]")
+    return times.detach().to("cpu", torch.float64)
+
+
+def _field(v, x, kwargs):
+    if not callable(v):
+        raise TypeError(f"v must be callable as v(x, t), got {_checks.describe(v)}")
+    _checks.tensor("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
+    _checks.module_device("model", v, x=x)
+    _checks.module_dtype("model", v, x=x)
+    if kwargs.get("y") is not None and getattr(v, "num_classes", None):
+        _checks.labels("y", kwargs["y"], x.shape[0], v.num_classes)
+    batch, first = x.shape[0], [True]
+
+    def f(t, state):
+        out = v(state, torch.full((batch,), float(t), dtype=state.dtype, device=state.device), **kwargs)
+        if first[0]:
+            _checks.field_output("v", out, state)
+            first[0] = False
+        return out
+    return f
+
+
+def odeint_grid(v, x: torch.Tensor, times, *, method: str = "heun", trajectory: bool = False, **kwargs) -> Solution:
+    r"""Solve :math:`\dot x = v(x, t)` with fixed steps on a given time grid (chapter 11).
+
+    ``times``: a 1-D tensor (or list) of times in ``[0, 1]``, monotone (e.g. :func:`time_grid`); step ``k``
+    goes from ``times[k]`` to ``times[k + 1]`` with ``method``, one of :data:`GRID_METHODS`:
+    Euler, midpoint and RK4 as in :func:`odeint`, and ``'heun'``, the explicit trapezoidal rule
+    :math:`x_{k+1} = x_k + \tfrac h2\big(v(x_k, t_k) + v(x_k + h\,v(x_k, t_k), t_{k+1})\big)`, second order,
+    two evaluations per step, the last one at the step's end (Karras et al., 2022, who skip that last
+    correction on the final step only because their denoiser form is singular at zero noise).
+    Heun and RK4 evaluate the field at the grid's end, midpoint and Euler never do.
+    ``**kwargs`` go to ``v`` (e.g. labels ``y``).  Returns a :class:`Solution`.
+    """
+    _checks.choice("method", method, GRID_METHODS)
+    f = _field(v, x, kwargs)
+    grid = _grid(times, x)
+    h = grid[1:] - grid[:-1]
+    if not (bool((h > 0).all()) or bool((h < 0).all())):
+        raise ValueError("times must be strictly increasing (or strictly decreasing to integrate backward)")
+    nfe = 0
+
+    def counted(t, state):
+        nonlocal nfe
+        nfe += 1
+        return f(t, state)
+
+    states = [x] if trajectory else None
+    for k in range(len(h)):
+        t, hk = grid[k], float(h[k])
+        if method == "heun":
+            k1 = counted(t, x)
+            k2 = counted(t + hk, _axpy(x, hk, k1))
+            x = x + (0.5 * hk) * (k1 + k2)
+        else:
+            x = _step(counted, method, t, hk, x)
+        if trajectory:
+            states.append(x)
+    return Solution(x, nfe, torch.stack(states) if trajectory else None,
+                    grid.to(x.dtype) if trajectory else None)
+
+
+@torch.no_grad()
+def exponential_integrator(v, x: torch.Tensor, path, times, *, order: int = 2, trajectory: bool = False,
+                           **kwargs) -> Solution:
+    r"""Sample an affine Gaussian path's probability-flow ODE with an exponential integrator (chapter 11).
+
+    Written with the data prediction :math:`\hat x_1 = (\dot\sigma_t x - \sigma_t v)/(\alpha_t\dot\sigma_t - \sigma_t\dot\alpha_t)`
+    of the velocity ``v`` (:meth:`cfmlib.paths.AffinePath.velocity_to_x1`), the field is
+    :math:`\dot x = \frac{\dot\sigma_t}{\sigma_t} x + \big(\dot\alpha_t - \frac{\dot\sigma_t}{\sigma_t}\alpha_t\big)\hat x_1`: a linear part
+    solved exactly plus a slowly varying one.  Holding :math:`\hat x_1` fixed over a step gives DDIM
+    (Song et al., 2021), the first-order step (``order=1``)
+
+    .. math::  x_{k+1} = \frac{\sigma_{k+1}}{\sigma_k}\, x_k + \Big(\alpha_{k+1} - \alpha_k\frac{\sigma_{k+1}}{\sigma_k}\Big)\hat x_1(x_k, t_k)
+               = \alpha_{k+1}\hat x_1 + \sigma_{k+1}\hat x_0 ;
+
+    ``order=2`` is the multistep DPM-Solver++(2M) of Lu et al. (2022), which replaces :math:`\hat x_1` by
+    :math:`(1 + \tfrac1{2r})\hat x_1^{(k)} - \tfrac1{2r}\hat x_1^{(k-1)}`, :math:`r = h_{k-1}/h_k`, with
+    :math:`h_k = \lambda_{k+1} - \lambda_k` in the log signal-to-noise ratio :math:`\lambda = \log(\alpha/\sigma)`;
+    it takes first-order steps where :math:`h_{k-1}` or :math:`h_k` is infinite (the first step from
+    :math:`\alpha = 0`, a last step to :math:`\sigma = 0`).  One evaluation per step.  A single data
+    point is reached exactly in one step, and on the CondOT path the first-order step *is* Euler's.
+
+    Args:
+        v: the velocity field ``v(x, t, **kwargs)`` of a model trained on ``path``.
+        x: the starting samples at ``times[0]``.
+        path: the :class:`~cfmlib.paths.AffinePath` (or name) the model was trained on.
+        times: increasing times (e.g. :func:`time_grid`); :math:`\sigma_t > 0` at every time but the last.
+        order: 1 (DDIM) or 2 (DPM-Solver++(2M)).
+    """
+    path = _affine(path, "exponential_integrator")
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {order!r}")
+    f = _field(v, x, kwargs)
+    grid = _grid(times, x)
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError("times must be strictly increasing (the exponential integrator runs from noise to data)")
+    a, s, da, ds = (c.tolist() for c in path.schedule(grid, like=grid))
+    if any(si <= 0 for si in s[:-1]):
+        k = next(i for i, si in enumerate(s[:-1]) if si <= 0)
+        raise ValueError(f"times: sigma_t = 0 at t = {float(grid[k]):.4g} before the last time; the step divides "
+                         f"by sigma_t there (end the grid at the first time with sigma_t = 0)")
+    lam = path.log_snr(grid).tolist()
+    states, nfe, prev = ([x] if trajectory else None), 0, None
+    for k in range(len(grid) - 1):
+        vel = f(grid[k], x)
+        nfe += 1
+        x1 = (ds[k] * x - s[k] * vel) / (a[k] * ds[k] - s[k] * da[k])       # data prediction at t_k
+        d = x1
+        h = lam[k + 1] - lam[k]
+        if order == 2 and prev is not None and math.isfinite(h) and math.isfinite(prev[1]):
+            r = prev[1] / h
+            d = (1 + 0.5 / r) * x1 - (0.5 / r) * prev[0]
+        ratio = s[k + 1] / s[k]
+        x = ratio * x + (a[k + 1] - a[k] * ratio) * d
+        prev = (x1, h)
+        if trajectory:
+            states.append(x)
+    return Solution(x, nfe, torch.stack(states) if trajectory else None, grid.to(x.dtype) if trajectory else None)
