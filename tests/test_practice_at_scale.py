@@ -181,6 +181,14 @@ def linear(x, t):
     return x @ A.T
 
 
+def shrinking(x, t):
+    """A field that depends on time: dx/dt = -2 t x, so x(1) = x(0) / e."""
+    return -2 * t[:, None] * x
+
+
+EXACT = {linear: lambda x0: x0 @ torch.linalg.matrix_exp(A).T, shrinking: lambda x0: x0 * math.exp(-1.0)}
+
+
 def test_time_grids():
     for kind in solvers.GRIDS:
         for name in ("condot", "vp", "cosine"):
@@ -213,11 +221,12 @@ def test_time_grid_bad_input():
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
 @pytest.mark.parametrize("kind", ["uniform", "edm"])
-def test_odeint_grid_convergence_order(method, order, kind):
+@pytest.mark.parametrize("field", [linear, shrinking], ids=["linear", "time-dependent"])
+def test_odeint_grid_convergence_order(method, order, kind, field):
     x0 = torch.tensor([[1.0, 0.5], [-0.3, 2.0]], dtype=torch.float64)
-    exact = x0 @ torch.linalg.matrix_exp(A).T
+    exact = EXACT[field](x0)
     steps = np.array([16, 32, 64, 128])
-    errs = [float((solvers.odeint_grid(linear, x0, solvers.time_grid(int(n), kind), method=method).x - exact).abs().max())
+    errs = [float((solvers.odeint_grid(field, x0, solvers.time_grid(int(n), kind), method=method).x - exact).abs().max())
             for n in steps]
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert abs(slope - order) < 0.3, (method, kind, slope)
@@ -372,6 +381,7 @@ def test_classifier_shapes_and_rebuild():
     clf = models.Classifier((1, 8, 8), num_classes=10, hidden=32, features=12)
     x = torch.randn(7, 1, 8, 8)
     assert clf.features(x).shape == (7, 12) and clf(x).shape == (7, 10)
+    assert sum(p.numel() for p in clf.parameters()) == 64 * 32 + 32 + 32 * 12 + 12 + 12 * 10 + 10
     twin = models.build_model(clf.config)
     twin.load_state_dict(clf.state_dict())
     assert torch.allclose(twin(x), clf(x))
