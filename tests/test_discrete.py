@@ -85,9 +85,7 @@ def test_conditional_prob_ends_and_normalisation(path):
     for t in (0.0, 0.3, 1.0):
         p = path.conditional_prob(x1, t)
         assert p.shape == (5, L, path.num_states) and torch.allclose(p.sum(-1), torch.ones(5, L, dtype=D64))
-    assert torch.allclose(path.conditional_prob(x1, 0.0), path.source_probs(D64).expand(5, L, -1).double()
-                          if path.source == "mask" else
-                          torch.full((5, L, V), 1 / V, dtype=D64))
+    assert torch.allclose(path.conditional_prob(x1, 0.0), path.source_probs(D64).expand(5, L, -1))
     assert torch.allclose(path.conditional_prob(x1, 1.0), torch.nn.functional.one_hot(x1, path.num_states).double())
 
 
