@@ -14,11 +14,12 @@ as in Lipman et al. (2023).  One concern per module:
 * :mod:`cfmlib.flows` -- the discrete affine-coupling flow of chapter 1
 * :mod:`cfmlib.discrete` -- discrete flow matching: mixture paths on sequences of tokens (chapter 12)
 * :mod:`cfmlib.manifolds` -- flow matching on the sphere and the flat torus (chapter 13)
+* :mod:`cfmlib.fewstep` -- flow maps and few-step generation: MeanFlow, shortcut and consistency losses (chapter 14)
 * :mod:`cfmlib.datasets`, :mod:`cfmlib.metrics`, :mod:`cfmlib.plotting`, :mod:`cfmlib.checkpoint`
 * :mod:`cfmlib.errors` -- the exceptions cfmlib raises beyond Python's own
 """
-from . import (analytic, checkpoint, couplings, datasets, discrete, errors, flows, likelihood, manifolds, metrics, models,
-               paths, plotting, solvers, timesteps, training)
+from . import (analytic, checkpoint, couplings, datasets, discrete, errors, fewstep, flows, likelihood, manifolds, metrics,
+               models, paths, plotting, solvers, timesteps, training)
 from .analytic import EmpiricalDistribution, GaussianMixture, Marginal
 from .datasets import get_dataset
 from .device import get_device, seed_everything
@@ -30,7 +31,7 @@ from .training import cfm_loss, train, train_step
 __version__ = "0.2.0"
 
 __all__ = [
-    "analytic", "checkpoint", "couplings", "datasets", "discrete", "errors", "flows", "likelihood", "manifolds", "metrics", "models",
+    "analytic", "checkpoint", "couplings", "datasets", "discrete", "errors", "fewstep", "flows", "likelihood", "manifolds", "metrics", "models",
     "paths",
     "plotting", "solvers", "timesteps", "training", "EmpiricalDistribution", "GaussianMixture", "Marginal",
     "get_dataset", "get_device", "seed_everything", "MLP", "get_path", "odeint", "sample", "cfm_loss", "train",
