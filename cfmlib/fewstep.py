@@ -394,8 +394,8 @@ class MeanFlowPath(_FlowMapObjective):
         path: the affine path (default CondOT) that draws ``x_r`` and ``v``.
         ratio: the fraction of samples with :math:`r < t` (the others have :math:`r = t`); the paper's
             best one-step setting is 0.25.
-        p, c: the adaptive weight :math:`w = 1 / (\lVert\Delta\rVert^2 + c)^p` (stop-gradient) of the
-            paper, which uses ``p = 1``.  The default ``p = 0`` is the plain squared error, whose
+        p, c: the adaptive weight :math:`w = 1 / (\lVert \bar u_\theta - \bar u_{\mathrm{tgt}}\rVert^2 + c)^p`
+            (stop-gradient) of the paper, which uses ``p = 1``.  The default ``p = 0`` is the plain squared error, whose
             stationary point is the average velocity; with ``p > 0`` the weight depends on the noisy
             target and moves the stationary point away from the conditional mean (chapter 14).
 
