@@ -50,6 +50,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 __all__ = ["solve", "backend", "verify", "AssignmentFallbackWarning", "EPS_REL", "LIST_REL"]
 
@@ -75,7 +76,7 @@ def _private_group(gid: int, uid: int) -> bool:
     """True for a user private group: the group of that name holding no other user (umask 002 makes
     files group-writable, which is harmless then)."""
     try:
-        import grp
+        import grp  # Unix only: imported where it is used
         import pwd
 
         user = pwd.getpwuid(uid)
@@ -268,8 +269,6 @@ def _warn_once(message: str) -> None:
 def _matrix(cost) -> np.ndarray:
     """``cost`` as a C-contiguous float32 or float64 NumPy matrix (other dtypes become float64)."""
     if hasattr(cost, "detach") and hasattr(cost, "dtype"):  # a torch tensor: its memory, when CPU float32/64
-        import torch
-
         cost = cost.detach().cpu()
         if cost.dtype not in (torch.float32, torch.float64):
             if cost.is_complex():
@@ -304,7 +303,7 @@ def _check_finite(cost: np.ndarray) -> bool:
 def _solve_pot(cost: np.ndarray):
     """POT's network simplex: ``(col, None)``, or ``(None, why not)``."""
     try:
-        import ot
+        import ot  # only the fallback needs POT, which takes over a second to import
     except ImportError:
         return None, "POT is not installed"
     n = cost.shape[0]
@@ -326,7 +325,7 @@ def _solve_pot(cost: np.ndarray):
 
 
 def _solve_scipy(cost: np.ndarray) -> np.ndarray:
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # the last resort: imported only when it is used
 
     return linear_sum_assignment(cost)[1].astype(np.int64)
 

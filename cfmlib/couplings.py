@@ -17,7 +17,7 @@ import torch
 
 from . import _checks, assignment
 from .models import data_shape
-from .paths import get_path
+from .paths import gaussian_path, get_path
 from .solvers import sample
 
 __all__ = ["Coupling", "IndependentCoupling", "ExactOTCoupling", "COUPLINGS", "get_coupling", "independent",
@@ -209,7 +209,7 @@ def reflow_pairs(model, n: int, *, path="condot", method: str = "rk4", steps: in
     _checks.generator("generator", generator)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {_checks.describe(model)}")
-    path = get_path(path)
+    path = gaussian_path(path, "cfmlib.couplings.reflow_pairs")
     shape = data_shape(model)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gen_dev = generator.device if generator is not None else dev

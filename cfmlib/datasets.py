@@ -15,6 +15,7 @@ import torch
 
 from . import _checks
 from .analytic import GaussianMixture
+from .device import get_device
 
 __all__ = ["DATASETS", "get_dataset", "eight_gaussians", "gaussian_mixture", "load_digits", "load_mnist"]
 
@@ -116,9 +117,7 @@ def load_digits(device=None):
     Returns ``(x, y)``: images of shape ``(N, 1, 8, 8)`` scaled to ``[-1, 1]`` (float32) and
     integer labels ``(N,)``.
     """
-    from sklearn.datasets import load_digits as _load
-
-    from .device import get_device
+    from sklearn.datasets import load_digits as _load  # scikit-learn takes most of a second to import
 
     device = get_device(device) if device is not None else None
     d = _load()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn import functional as F
 
@@ -102,6 +103,8 @@ class MixturePath(ProbabilityPath):
     """
 
     name = "mixture"
+    loss_name = "the discrete flow-matching loss"
+    sampler = "cfmlib.discrete.sample"
 
     def __init__(self, vocab_size: int, source: str = "mask", loss: str = "ce"):
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size)
@@ -679,8 +682,6 @@ def kolmogorov_residual(prob_fn, velocity_fn, t: float, *, num_states: int, leng
     t = _checks.number("t", t, lo=0.0, hi=1.0)
     states, nb = _neighbours(num_states, length)
     tt = torch.tensor(t, dtype=torch.float64)
-    import torch.autograd.forward_ad as fwAD
-
     with fwAD.dual_level():
         p_dual = prob_fn(states, fwAD.make_dual(tt, torch.ones_like(tt)))
         if not isinstance(p_dual, torch.Tensor) or p_dual.shape != (states.shape[0],):

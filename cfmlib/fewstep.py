@@ -36,11 +36,16 @@ from torch.func import jvp
 from . import _checks
 from .device import get_device
 from .models import MODELS, UNet, data_shape, sinusoidal_embedding, time_as_batch
-from .paths import AffinePath, ProbabilityPath, _bc, get_path
+from .paths import AffinePath, ProbabilityPath, get_path
 from .solvers import Solution
 
 __all__ = ["FlowMapMLP", "FlowMapUNet", "GaussianFlowMap", "flow_map", "average_velocity", "meanflow_residual",
            "MeanFlowPath", "ShortcutPath", "ConsistencyPath", "grid_times", "sample"]
+
+
+def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A ``(batch,)`` time value reshaped to broadcast against ``x``."""
+    return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -313,6 +318,9 @@ class _FlowMapObjective(ProbabilityPath):
     """Shared parts of the few-step losses: a wrapped affine path that draws the noise and builds
     ``x_t``, and two times ``(r, t)`` per sample (``t`` of shape ``(batch, 2)``)."""
 
+    loss_name = "the flow-map loss"
+    sampler = "cfmlib.fewstep.sample"
+
     def __init__(self, path="condot"):
         self.path = get_path(path)
         if not isinstance(self.path, AffinePath):
@@ -335,7 +343,7 @@ class _FlowMapObjective(ProbabilityPath):
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != 2:
             raise ValueError(f"t must be a (batch, 2) tensor of time pairs (r, t) for {type(self).__name__}, "
                              f"got {_checks.describe(t)}; draw it with path.draw_t")
-        self.path._pair(x0, x1, t[:, 0])
+        self.path.check_batch(x0, x1, t[:, 0])
         due = _checks.values_due(f"{type(self).__name__}.check_batch", x1)
         _checks.time("t", t[:, 1], x1.shape[0], like=x1, hi=self.t_max, values=due)
         if due and t.numel() and bool((t[:, 0] > t[:, 1]).any()):
@@ -347,7 +355,7 @@ class _FlowMapObjective(ProbabilityPath):
 
     def _start(self, x0, x1, r):
         """``x_r`` on the conditional path and its conditional velocity."""
-        return self.path._sample(x0, x1, r)
+        return self.path.sample(x0, x1, r, check=False)
 
     @staticmethod
     def _call(model, x, r, t, y):
@@ -568,8 +576,8 @@ class ConsistencyPath(_FlowMapObjective):
     def loss(self, model, x0, x1, t, y=None, weight=None) -> torch.Tensor:
         r"""The consistency-training loss on a batch (``t``: ``(batch, 2)`` pairs ``(r, r + delta)``)."""
         r, s = t[:, 0], t[:, 1]
-        xr = self.path._sample(x0, x1, r)[0]
-        xs = self.path._sample(x0, x1, s)[0]
+        xr = self.path.sample(x0, x1, r, check=False)[0]
+        xs = self.path.sample(x0, x1, s, check=False)[0]
         f_r = self.consistency_function(model, xr, r, y)
         with torch.no_grad():
             f_s = self.consistency_function(model, xs, s, y)

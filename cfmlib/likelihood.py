@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks
-from .paths import get_path
+from .paths import gaussian_path
 from .solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS, integrate
 from .training import LossMonitor, draw_data
 
-__all__ = ["divergence", "log_prob", "sample_with_log_prob", "LogProbResult", "gaussian_log_prob",
+__all__ = ["divergence", "jacobian_trace", "log_prob", "sample_with_log_prob", "LogProbResult", "gaussian_log_prob",
            "train_cnf"]
 
 #: Divergence estimators: the exact trace of the Jacobian, or Hutchinson's estimate.
@@ -39,7 +39,11 @@ def _basis(x: torch.Tensor) -> torch.Tensor:
     return eye.expand(d, *x.shape)
 
 
-def _div_exact(out, x, create_graph):
+def jacobian_trace(out: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    r"""The exact trace of :math:`\partial\,\mathrm{out} / \partial x` per sample, ``(batch,)``, for ``out``
+    computed from ``x`` (which requires grad) sample by sample: all ``D`` diagonal entries from one
+    batched backward pass. The building block of :func:`divergence`, without its argument checks,
+    for code that evaluates the field itself (the solvers here, :mod:`cfmlib.manifolds`)."""
     basis = _basis(x)
     (jac_rows,) = torch.autograd.grad(out, x, grad_outputs=basis, is_grads_batched=True,
                                       create_graph=create_graph)  # (D, batch, ...): row i = e_i^T J
@@ -77,7 +81,7 @@ def divergence(v, x: torch.Tensor, t, *, method: str = "exact", probes: torch.Te
         out = v(xg, t, **kwargs)
         _checks.field_output("v", out, xg)
         if method == "exact":
-            return _div_exact(out, xg, create_graph)
+            return jacobian_trace(out, xg, create_graph)
         eps = probes if probes is not None else (torch.randint(0, 2, (1, *x.shape), device=x.device) * 2 - 1).to(x.dtype)
         return _div_hutchinson(out, xg, eps, create_graph)
 
@@ -111,7 +115,7 @@ def _dynamics(v, batch, method, eps, create_graph, kwargs):
             xg = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
             out = v(xg, tb, **kwargs)
             if method == "exact":
-                div = _div_exact(out, xg, create_graph)
+                div = jacobian_trace(out, xg, create_graph)
             else:
                 div = _div_hutchinson(out, xg, eps, create_graph)
         if not create_graph:
@@ -162,7 +166,7 @@ def log_prob(v, x1: torch.Tensor, *, path="condot", method: str = "dopri5", step
         create_graph: keep the graph for backpropagation (maximum-likelihood training of a CNF).
     """
     _check_solve(v, x1, method, steps, divergence, n_probes, atol, rtol, generator)
-    path = get_path(path)
+    path = gaussian_path(path, "cfmlib.likelihood.log_prob")
     eps = _probes(x1, divergence, n_probes, generator)
     f = _dynamics(v, x1.shape[0], divergence, eps, create_graph, kwargs)
     ell = torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device)
@@ -177,7 +181,7 @@ def sample_with_log_prob(v, x0: torch.Tensor, *, path="condot", method: str = "d
     r"""Sample and score in the same solve: integrate forward from ``x0`` (noise) and return the
     samples ``x1`` with :math:`\log p_1(x_1) = \log p_0(x_0) - \int_0^1 \nabla\cdot v\,dt`."""
     _check_solve(v, x0, method, steps, divergence, n_probes, atol, rtol, generator)
-    path = get_path(path)
+    path = gaussian_path(path, "cfmlib.likelihood.sample_with_log_prob")
     eps = _probes(x0, divergence, n_probes, generator)
     f = _dynamics(v, x0.shape[0], divergence, eps, False, kwargs)
     ell = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)

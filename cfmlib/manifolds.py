@@ -38,7 +38,7 @@ from torch import nn
 
 from . import _checks
 from .device import get_device
-from .likelihood import LogProbResult, _div_exact
+from .likelihood import LogProbResult, jacobian_trace
 from .models import MODELS, sinusoidal_embedding, time_as_batch
 from .paths import ProbabilityPath
 from .solvers import Solution
@@ -223,7 +223,7 @@ class Manifold:
 
     def _div(self, out, x, create_graph=False):
         """Riemannian divergence of the tangent field ``out`` (computed from ``x`` with autograd)."""
-        return _div_exact(out, x, create_graph)
+        return jacobian_trace(out, x, create_graph)
 
     def pairwise_dist(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Geodesic distances between every row of ``a`` ``(n, c)`` and of ``b`` ``(m, c)``, shape ``(n, m)``."""
@@ -416,6 +416,8 @@ class GeodesicPath(ProbabilityPath):
 
     name = "geodesic"
     t_max = 1.0
+    loss_name = "the Riemannian flow-matching loss"
+    sampler = "cfmlib.manifolds.sample"
 
     def __init__(self, manifold="sphere"):
         self.manifold = get_manifold(manifold)

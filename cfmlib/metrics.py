@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from . import _checks
+from . import _checks, assignment
+from .manifolds import get_manifold
 
 __all__ = ["w2", "mmd", "bits_per_dim", "straightness", "data_band", "Band", "BandVerdict", "compare_runs",
            "RunComparison", "METRICS", "geodesic_w2", "tv", "frechet_distance"]
@@ -50,16 +50,19 @@ def w2(a: torch.Tensor, b: torch.Tensor) -> float:
     A = a.detach().to("cpu", torch.float64).flatten(1).numpy()
     B = b.detach().to("cpu", torch.float64).flatten(1).numpy()
     cost = cdist(A, B, "sqeuclidean")  # direct differences: exactly 0 for identical points
-    if A.shape[0] == B.shape[0]:
-        from .assignment import solve  # exact, certified optimal (chapter 8)
+    return _w2_from_cost(cost)
 
-        c = solve(cost)
-        return float(math.sqrt(max(cost[np.arange(len(c)), c].mean(), 0.0)))
-    import ot  # POT, for unequal sizes
 
-    wa = np.full(A.shape[0], 1.0 / A.shape[0])
-    wb = np.full(B.shape[0], 1.0 / B.shape[0])
-    return float(math.sqrt(max(ot.emd2(wa, wb, cost, numItermax=10_000_000), 0.0)))
+def _w2_from_cost(cost: np.ndarray) -> float:
+    """:math:`\sqrt{\min_\pi \langle \pi, C\rangle}` over transport plans between uniform weights: an exact
+    assignment for a square ``cost`` (certified optimal, chapter 8), an exact plan (POT) otherwise."""
+    n, m = cost.shape
+    if n == m:
+        c = assignment.solve(cost)
+        return float(math.sqrt(max(cost[np.arange(n), c].mean(), 0.0)))
+    import ot  # POT: importing it takes over a second, and only unequal sizes need it
+
+    return float(math.sqrt(max(ot.emd2(np.full(n, 1.0 / n), np.full(m, 1.0 / m), cost, numItermax=10_000_000), 0.0)))
 
 
 def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.1, 0.3, 1.0, 3.0)) -> float:
@@ -222,11 +225,6 @@ class Band:
         std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
         return BandVerdict(float(v.mean()), std, below, inside, above, verdict)
 
-    def __str__(self) -> str:
-        return (f"{self.metric} between two data draws of n = {self.n}: {self.mean:.3g} ± {self.std:.3g} "
-                f"(band {self.lo:.3g} to {self.hi:.3g} over {len(self.values)} repeats)")
-
-
     def compare_mean(self, values, *, z: float = 2.0) -> "RunComparison":
         """Several model distances (one per seed or evaluation draw) against the band as two samples:
         the difference of their mean from the band's mean, with its standard error
@@ -236,6 +234,11 @@ class Band:
         has each value outside ``[lo, hi]`` with probability about ``2 / (repeats + 1)``, so with many
         seeds :meth:`compare` often says ``'mixed'`` by chance alone."""
         return compare_runs(values, self.values, z=z, names=("model", "data vs data"))
+
+    def __str__(self) -> str:
+        return (f"{self.metric} between two data draws of n = {self.n}: {self.mean:.3g} ± {self.std:.3g} "
+                f"(band {self.lo:.3g} to {self.hi:.3g} over {len(self.values)} repeats)")
+
 
 def data_band(data, n: int, *, metric="w2", repeats: int = 20, generator: torch.Generator | None = None) -> Band:
     r"""The band of a sample distance between two independent draws of ``n`` data points.
@@ -343,21 +346,11 @@ def geodesic_w2(a: torch.Tensor, b: torch.Tensor, manifold) -> float:
     :math:`-\pi + \epsilon` as a whole turn.  For a sample band use it as
     ``data_band(q, n, metric=lambda a, b: geodesic_w2(a, b, manifold))``.
     """
-    from .manifolds import get_manifold
-
     m = get_manifold(manifold)
     _two_sets(a, b)
     A = a.detach().to("cpu", torch.float64)
     B = b.detach().to("cpu", torch.float64)
-    cost = m.pairwise_dist(A, B).pow(2).numpy()
-    if A.shape[0] == B.shape[0]:
-        r, c = linear_sum_assignment(cost)
-        return float(math.sqrt(max(cost[r, c].mean(), 0.0)))
-    import ot  # POT, for unequal sizes
-
-    wa = np.full(A.shape[0], 1.0 / A.shape[0])
-    wb = np.full(B.shape[0], 1.0 / B.shape[0])
-    return float(math.sqrt(max(ot.emd2(wa, wb, cost, numItermax=10_000_000), 0.0)))
+    return _w2_from_cost(m.pairwise_dist(A, B).pow(2).numpy())
 
 
 def tv(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ import torch
 
 from . import _checks
 
-__all__ = ["ProbabilityPath", "AffinePath", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path",
+__all__ = ["ProbabilityPath", "AffinePath", "gaussian_path", "CondOTPath", "VEPath", "VPPath", "CosinePath", "PATHS", "get_path",
            "SchedulerChange", "scheduler_change", "TARGETS", "PredictionPath", "PredictedVelocity"]
 
 
@@ -47,11 +47,16 @@ class ProbabilityPath:
     * :meth:`loss` -- the regression loss on a batch ``(x0, x1, t)``, without argument checks;
     * :meth:`check_batch` -- the argument checks of that loss (:func:`cfmlib.training.cfm_loss` and
       :func:`cfmlib.training.train_step` call it);
-    * optionally :meth:`draw_t` (training times) and :meth:`check_data` (what data the path accepts).
+    * optionally :meth:`draw_t` (training times) and :meth:`check_data` (what data the path accepts);
+    * ``loss_name`` -- what the loss is called in messages (a NaN loss names it);
+    * ``sampler`` -- the function that samples a model trained on the path, where
+      :func:`cfmlib.solvers.sample` (which integrates Gaussian paths) does not apply.
     """
 
     name = "path"
     t_max = 1.0
+    loss_name = "the loss"
+    sampler = ""
 
     def draw_x0(self, x1: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A source sample ``x0`` for the batch of data ``x1``, drawn from ``generator`` (abstract)."""
@@ -93,6 +98,8 @@ class AffinePath(ProbabilityPath):
 
     name = "affine"
     t_max = 1.0
+    loss_name = "the CFM loss"
+    sampler = "cfmlib.solvers.sample"
 
     # --- the schedule --------------------------------------------------------
     def alpha(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -245,9 +252,14 @@ class AffinePath(ProbabilityPath):
         t = self._pair(x0, x1, t, hi=self.t_max, why="the conditional target")
         return _bc(self.d_alpha(t), x1) * x1 + _bc(self.d_sigma(t), x0) * x0
 
-    def sample(self, x0: torch.Tensor, x1: torch.Tensor, t):
-        """Return ``(xt, ut)``: the point on the conditional path and its target velocity (``t <= t_max``)."""
-        return self._sample(x0, x1, self._pair(x0, x1, t, hi=self.t_max, why="the conditional target"))
+    def sample(self, x0: torch.Tensor, x1: torch.Tensor, t, check: bool = True):
+        """Return ``(xt, ut)``: the point on the conditional path and its target velocity (``t <= t_max``).
+
+        ``check=False`` skips the argument checks (``t`` must then be a ``(batch,)`` tensor): for losses
+        built on a path (:mod:`cfmlib.fewstep`) that check their batch once themselves."""
+        if check:
+            t = self._pair(x0, x1, t, hi=self.t_max, why="the conditional target")
+        return self._sample(x0, x1, t)
 
     def _sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
         """:meth:`sample` without argument checks (``t`` a ``(batch,)`` tensor)."""
@@ -503,6 +515,22 @@ def get_path(path="condot", **kwargs) -> ProbabilityPath:
 
 
 # --- changing the schedule (chapter 6) --------------------------------------------------------
+
+
+def gaussian_path(path, who: str) -> "AffinePath":
+    r""":func:`get_path` for the functions that need a Gaussian path (sampling from :math:`N(0, \sigma_0^2 I)`,
+    the log-likelihood, conversions): a :class:`PredictionPath` gives the path it wraps; any other
+    path object raises a ``TypeError`` naming ``who`` and the sampler that belongs to the path."""
+    path = get_path(path)
+    if isinstance(path, PredictionPath):
+        return path.path
+    if not isinstance(path, AffinePath):
+        where = f"; sample a model trained on it with {path.sampler}" if getattr(path, "sampler", "") else ""
+        raise TypeError(f"{who} works with Gaussian paths (x_t = alpha_t x1 + sigma_t x0), got "
+                        f"{_checks.describe(path)}{where}")
+    return path
+
+
 class SchedulerChange(NamedTuple):
     r"""The result of :func:`scheduler_change`: times ``r`` of the other path, scales ``s`` and their
     time derivatives ``dr`` :math:`= \dot r_t` and ``ds`` :math:`= \dot s_t`, each of shape ``(batch,)``."""
@@ -609,6 +637,8 @@ class PredictionPath(ProbabilityPath):
         path: an :class:`AffinePath` or a name for :func:`get_path`.
         target: one of :data:`TARGETS`.
     """
+
+    loss_name = "the prediction loss"
 
     def __init__(self, path="condot", target: str = "x1"):
         self.path = get_path(path)

@@ -20,7 +20,7 @@ import torchdiffeq
 from . import _checks
 from .device import get_device
 from .models import data_shape
-from .paths import get_path
+from .paths import gaussian_path, get_path
 
 __all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "sdeint",
            "GRID_METHODS", "GRIDS", "time_grid", "odeint_grid", "exponential_integrator"]
@@ -174,7 +174,7 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=
     """
     _checks.function("model", model)
     _checks.generator("generator", generator)
-    path = get_path("condot" if path is None else path)
+    path = gaussian_path("condot" if path is None else path, "cfmlib.solvers.sample")
     if x0 is None:
         if n is None:
             raise ValueError("pass either n (the number of samples) or x0 (the starting noise)")
@@ -235,7 +235,7 @@ def sdeint(v, x: torch.Tensor, path, t0: float = 0.0, t1: float | None = None, *
     _checks.tensor("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must be batched with shape (batch, ...), got shape {tuple(x.shape)}")
-    path = get_path(path)
+    path = gaussian_path(path, "cfmlib.solvers.sdeint")
     _checks.positive_int("steps", steps)
     _checks.generator("generator", generator)
     _checks.module_device("model", v, x=x)
@@ -283,16 +283,6 @@ GRID_METHODS = ("euler", "midpoint", "heun", "rk4")
 GRIDS = ("uniform", "edm", "logsnr")
 
 
-def _affine(path, who):
-    from .paths import AffinePath
-
-    path = get_path(path)
-    if not isinstance(path, AffinePath):
-        raise TypeError(f"{who} needs an AffinePath (a Gaussian path x_t = alpha_t x1 + sigma_t x0), "
-                        f"got {_checks.describe(path)}")
-    return path
-
-
 def time_grid(steps: int, kind: str = "uniform", *, path="condot", t0: float = 0.0, t1: float | None = None,
               rho: float = 7.0, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
     r"""Times :math:`t_0 < t_1 < \dots < t_N` (``N = steps``) for the fixed-step samplers (chapter 11).
@@ -320,7 +310,7 @@ def time_grid(steps: int, kind: str = "uniform", *, path="condot", t0: float = 0
         raise ValueError(f"a time grid runs forward: need t0 < t1, got t0={t0}, t1={t1}")
     if kind == "uniform":
         return torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
-    path = _affine(path, f"time_grid(kind={kind!r})")
+    path = gaussian_path(path, f"time_grid(kind={kind!r})")
     rho = _checks.number("rho", rho, lo=0.0, lo_open=True)
     sigma_min = _checks.number("sigma_min", sigma_min, lo=0.0, lo_open=True)
     sigma_max = _checks.number("sigma_max", sigma_max, lo=sigma_min, lo_open=True)
@@ -443,7 +433,7 @@ def exponential_integrator(v, x: torch.Tensor, path, times, *, order: int = 2, t
         times: increasing times (e.g. :func:`time_grid`); :math:`\sigma_t > 0` at every time but the last.
         order: 1 (DDIM) or 2 (DPM-Solver++(2M)).
     """
-    path = _affine(path, "exponential_integrator")
+    path = gaussian_path(path, "exponential_integrator")
     if order not in (1, 2) or isinstance(order, bool):
         raise ValueError(f"order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {order!r}")
     f = _field(v, x, kwargs)

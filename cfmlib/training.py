@@ -572,7 +572,7 @@ def train(model: nn.Module, data=None, *, pairs=None, path="condot", coupling="i
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay) if weight_decay \
         else torch.optim.Adam(model.parameters(), lr=lr)
     monitor = LossMonitor(steps, device=device, check_every=check_every or (20 if device.type == "cpu" else 50),
-                          progress=progress and ranks.rank == 0, what="the CFM loss",
+                          progress=progress and ranks.rank == 0, what=getattr(path, "loss_name", "the loss"),
                           hint=f"Likely causes: a learning rate too high (lr={lr}; try 10x smaller or set grad_clip), "
                                f"non-finite data or model outputs, or a path whose field is singular at the sampled "
                                f"times ({type(path).__name__}, t_max={path.t_max}).",

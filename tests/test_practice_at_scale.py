@@ -300,7 +300,7 @@ def test_exponential_integrator_bad_input():
         solvers.exponential_integrator(m, x, "vp", [0.0, 0.5], order=3)
     with pytest.raises(ValueError, match="increasing"):
         solvers.exponential_integrator(m, x, "vp", [0.5, 0.1])
-    with pytest.raises(TypeError, match="AffinePath"):
+    with pytest.raises(TypeError, match="Gaussian paths"):
         solvers.exponential_integrator(m, x, paths.ProbabilityPath(), [0.0, 0.5])
     class Pinched(paths.AffinePath):   # sigma_t = 0 at t = 0.5, inside the grid
         def alpha(self, t):

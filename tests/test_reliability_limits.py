@@ -151,3 +151,19 @@ def test_a_failing_call_leaves_the_checkpoint_byte_for_byte(name, tmp_path):
     assert ck.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # no temporary file left behind
     checkpoint.load_checkpoint(ck)  # and it still loads
+
+
+def test_gaussian_samplers_refuse_other_paths_and_name_the_right_sampler():
+    from cfmlib import discrete, manifolds
+
+    net = models.MLP(dim=3, hidden=8, depth=1)
+    x = torch.randn(4, 3)
+    for path, where in ((manifolds.GeodesicPath("sphere"), "cfmlib.manifolds.sample"),
+                        (discrete.MixturePath(4), "cfmlib.discrete.sample")):
+        for call in (lambda: solvers.sample(net, 4, path=path), lambda: likelihood.log_prob(net, x, path=path),
+                     lambda: solvers.sdeint(net, x, path)):
+            with pytest.raises(TypeError, match=where.replace(".", r"\.")):
+                call()
+    # a prediction path samples through the Gaussian path it wraps
+    pp = paths.PredictionPath("condot", "x1")
+    assert paths.gaussian_path(pp, "test") is pp.path

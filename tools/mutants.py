@@ -1,9 +1,9 @@
 """Do the unit tests notice when cfmlib is wrong?  Break it on purpose and see.
 
 Each *mutant* below is one small, plausible mistake in cfmlib (a sign, a factor, a forgotten
-step, a swapped argument).  For every mutant this script copies the package into a temporary
-folder, applies the change, and runs the unit tests against the copy (stopping at the first
-failure).  A mutant is *caught* when some test fails, *missed* when the whole suite passes:
+step, a swapped argument).  For every mutant this script copies the repository (without its
+virtual environments and build outputs) into a temporary folder, applies the change there, and
+runs the unit tests in the copy (stopping at the first failure).  A mutant is *caught* when some test fails, *missed* when the whole suite passes:
 then the tests would also pass with that bug in the library.
 
     python tools/mutants.py              # every mutant; prints a table and the score
@@ -137,18 +137,27 @@ def apply(mutant: Mutant, package: Path) -> bool:
     return True
 
 
+_SKIP = shutil.ignore_patterns(".git", ".venv", ".venv-colab", "_build", ".cache", "_static", "__pycache__",
+                               ".pytest_cache", ".hypothesis", "*.egg-info", "runs")
+
+
+def _copy(tmp: str) -> Path:
+    """A copy of the repository in which ``import cfmlib`` (run from its root) finds the copy's package."""
+    repo = Path(tmp) / "repo"
+    shutil.copytree(ROOT, repo, ignore=_SKIP)
+    return repo
+
+
 def run(mutant: Mutant, timeout: float) -> tuple[str, str, float]:
     with tempfile.TemporaryDirectory(prefix="cfmlib-mutant-") as tmp:
-        package = Path(tmp) / "cfmlib"
-        shutil.copytree(ROOT / "cfmlib", package, ignore=shutil.ignore_patterns("__pycache__"))
-        if not apply(mutant, package):
+        repo = _copy(tmp)
+        if not apply(mutant, repo / "cfmlib"):
             return "stale", "its code is not in cfmlib (once): update the mutant", 0.0
-        env = dict(os.environ, PYTHONPATH=tmp + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   PYTHONDONTWRITEBYTECODE="1", CFMLIB_MUTANT=mutant.name)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", CFMLIB_MUTANT=mutant.name)
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *UNIT_TESTS]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return "timeout", f"the tests ran longer than {timeout:.0f} s", time.perf_counter() - start
         seconds = time.perf_counter() - start
@@ -163,11 +172,13 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, str, float]:
 def _check_copy_is_used() -> None:
     """The mutated copy must shadow the installed cfmlib, or every mutant would look missed."""
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(ROOT / "cfmlib", Path(tmp) / "cfmlib", ignore=shutil.ignore_patterns("__pycache__"))
-        out = subprocess.run([sys.executable, "-c", "import cfmlib; print(cfmlib.__file__)"], cwd=ROOT,
-                             env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True, check=True)
-        if not out.stdout.strip().startswith(tmp):
-            raise SystemExit(f"the mutated copy is not imported (cfmlib comes from {out.stdout.strip()})")
+        repo = _copy(tmp)
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co",
+                              "tests/test_metrics.py", "-o", "addopts="], cwd=repo, capture_output=True, text=True)
+        where = subprocess.run([sys.executable, "-c", "import cfmlib; print(cfmlib.__file__)"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if out.returncode != 0 or not where.startswith(str(repo)):
+            raise SystemExit(f"the mutated copy is not imported (cfmlib comes from {where})")
 
 
 def main(argv=None) -> int:
