@@ -70,6 +70,7 @@ class GaussianMixture:
 
     @property
     def n_components(self) -> int:
+        """The number of components ``K``."""
         return self.means.shape[0]
 
     def to(self, device=None, dtype=None) -> "GaussianMixture":
@@ -189,6 +190,7 @@ class Marginal:
         return (g * (da * x1_hat + sds * diff / var)).sum(1)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The marginal field :math:`u_t(x)` (:meth:`field`), so that the object is a field for the solvers."""
         return self.field(x, t)
 
 

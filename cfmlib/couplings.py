@@ -93,6 +93,7 @@ class IndependentCoupling(Coupling):
     name = "independent"
 
     def indices(self, source, x1):
+        """No reordering: ``(None, None)``."""
         return None, None
 
 
@@ -104,6 +105,7 @@ class ExactOTCoupling(Coupling):
     name = "ot"
 
     def indices(self, source, x1):
+        """The exact OT permutation of the source points (data keep their order)."""
         return _solve(_cost(x1, source)).to(source.device), None
 
 

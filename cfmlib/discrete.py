@@ -182,6 +182,7 @@ class MixturePath(ProbabilityPath):
         return torch.stack([x0, u], dim=1)
 
     def coupling_source(self, x0: torch.Tensor) -> torch.Tensor:
+        """The source tokens of the noise (a coupling pairs them with the data)."""
         raise ValueError("a minibatch OT coupling pairs points of R^d; a discrete mixture path has no such cost: "
                          "use coupling='independent'")
 
@@ -413,13 +414,16 @@ class PolynomialMixturePath(MixturePath):
         self.exponent = _checks.number("exponent", exponent, lo=0.0, lo_open=True)
 
     def kappa(self, t):
+        r""":math:`\kappa_t = t^{\,p}`."""
         return t ** self.exponent if self.exponent != 1.0 else t
 
     def d_kappa(self, t):
+        r""":math:`\dot\kappa_t = p\, t^{\,p-1}`."""
         n = self.exponent
         return torch.ones_like(t) if n == 1.0 else n * t ** (n - 1)
 
     def kappa_inverse(self, u):
+        r"""The time at which :math:`\kappa_t = u`: :math:`t = u^{1/p}`."""
         return u ** (1.0 / self.exponent) if self.exponent != 1.0 else u
 
 
@@ -430,12 +434,15 @@ class CosineMixturePath(MixturePath):
     name = "cosine"
 
     def kappa(self, t):
+        r""":math:`\kappa_t = 1 - \cos(\pi t/2)`."""
         return 1.0 - torch.cos(0.5 * math.pi * t)
 
     def d_kappa(self, t):
+        r"""The derivative :math:`\dot\kappa_t`."""
         return 0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
     def kappa_inverse(self, u):
+        r"""The time at which :math:`\kappa_t = u`."""
         return torch.acos(1.0 - u) * (2.0 / math.pi)
 
 
@@ -481,6 +488,8 @@ class TokenMLP(nn.Module):
         self.register_buffer("offsets", torch.arange(length) * num_states, persistent=False)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        """Logits ``(batch, *data_shape, V)`` of the data token at every position, from tokens ``x``
+        ``(batch, *data_shape)`` and times ``t``."""
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.data_shape or x.is_floating_point():
             raise ValueError(f"x must be integer tokens of shape (batch, {', '.join(map(str, self.data_shape))}), "
                              f"got {_checks.describe(x)}")
@@ -493,6 +502,7 @@ class TokenMLP(nn.Module):
         return self.head(self.body(h)).view(*x.shape, self.vocab_size)
 
     def extra_repr(self) -> str:
+        """The vocabulary size and sequence length, for ``repr``."""
         return f"data_shape={self.data_shape}, vocab_size={self.vocab_size}, num_states={self.num_states}"
 
 

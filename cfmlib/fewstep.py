@@ -101,6 +101,7 @@ class FlowMapMLP(nn.Module):
         return sinusoidal_embedding(self.time_scale * s, self.time_features)
 
     def forward(self, x: torch.Tensor, r, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        r"""The average velocity :math:`u_\theta(x, r, t)` over :math:`[r, t]` (``model(x, r, t[, y])``)."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         r, t = _two_times(r, t, x)
@@ -143,6 +144,7 @@ class FlowMapUNet(UNet):
         self.gap_mlp = nn.Sequential(nn.Linear(time_features, emb), nn.SiLU(), nn.Linear(emb, emb))
 
     def forward(self, x: torch.Tensor, r, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        r"""The average velocity :math:`u_\theta(x, r, t)` over :math:`[r, t]` for images."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (batch, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")

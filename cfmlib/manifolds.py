@@ -184,6 +184,7 @@ class Manifold:
 
     @property
     def n_features(self) -> int:
+        """The number of features the tangent networks see for one point."""
         return self.coord_dim
 
     # --- the geometry (unchecked; subclasses) -----------------------------------------------------------
@@ -369,10 +370,12 @@ class FlatTorus(Manifold):
         return torch.relu(x.abs() - math.pi).norm(dim=-1)
 
     def features(self, x):
+        r"""The periodic features :math:`(\cos\theta, \sin\theta)` of the angles."""
         return torch.cat([torch.cos(x), torch.sin(x)], dim=-1)
 
     @property
     def n_features(self) -> int:
+        """Two features (cosine and sine) per angle."""
         return 2 * self.dim
 
 
@@ -427,6 +430,7 @@ class GeodesicPath(ProbabilityPath):
         return self.manifold._uniform(x1.shape[0], generator, x1.device, x1.dtype)
 
     def check_data(self, name: str, x1: torch.Tensor) -> None:
+        """Data must lie on the manifold."""
         self.manifold.check_points(name, x1)
 
     def check_batch(self, x0, x1, t, model=None) -> torch.Tensor:
@@ -511,6 +515,7 @@ class TangentMLP(nn.Module):
         self.head = nn.Linear(hidden, m.coord_dim)
 
     def forward(self, x: torch.Tensor, t, y=None) -> torch.Tensor:
+        """A velocity in the tangent space at ``x``: the network's output projected by :math:`P_x`."""
         if y is not None:
             raise ValueError("TangentMLP takes no class labels y")
         if x.ndim != 2 or x.shape[1] != self.dim:

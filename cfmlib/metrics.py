@@ -195,18 +195,22 @@ class Band:
 
     @property
     def mean(self) -> float:
+        """The mean distance over the repeats."""
         return float(np.mean(self.values))
 
     @property
     def std(self) -> float:
+        """The standard deviation over the repeats."""
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
 
     @property
     def lo(self) -> float:
+        """The smallest distance over the repeats (the band's lower end)."""
         return float(np.min(self.values))
 
     @property
     def hi(self) -> float:
+        """The largest distance over the repeats (the band's upper end)."""
         return float(np.max(self.values))
 
     def compare(self, values) -> BandVerdict:

@@ -77,6 +77,7 @@ class MLP(nn.Module):
         self.label = nn.Embedding(num_classes + 1, hidden) if num_classes else None
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        r""":math:`v_\theta(x, t[, y])` for ``x`` of shape ``(batch, dim)``, ``t`` a number or ``(batch,)``, optional labels ``y``."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         t = time_as_batch(t, x)
@@ -211,6 +212,7 @@ class UNet(nn.Module):
                                   nn.Conv2d(base, c, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        r""":math:`v_\theta(x, t[, y])` for images ``x`` of shape ``(batch, C, H, W)``; ``y`` defaults to the null label."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must have shape (batch, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
@@ -257,6 +259,7 @@ class CFGField(nn.Module):
         self.config = getattr(model, "config", None)
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        r"""The guided field :math:`(1 + w) v_\theta(x, t, y) - w\, v_\theta(x, t, \varnothing)` (one doubled forward pass)."""
         if y is None:
             raise ValueError("CFGField needs class labels y (a (batch,) integer tensor)")
         if self.w == 0:

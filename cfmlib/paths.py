@@ -103,9 +103,11 @@ class AffinePath(ProbabilityPath):
 
     # --- the schedule --------------------------------------------------------
     def alpha(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        r"""The signal coefficient :math:`\alpha_t` of :math:`x_t = \alpha_t x_1 + \sigma_t x_0` (elementwise in ``t``)."""
         raise NotImplementedError
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        r"""The noise coefficient :math:`\sigma_t` of :math:`x_t = \alpha_t x_1 + \sigma_t x_0` (elementwise in ``t``)."""
         raise NotImplementedError
 
     def _derivative(self, fn, t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +166,7 @@ class AffinePath(ProbabilityPath):
         return x0 if scale == 1.0 else scale * x0
 
     def check_data(self, name: str, x1: torch.Tensor) -> None:
+        """Data for a Gaussian path: a floating tensor ``(batch, ...)``."""
         _checks.tensor(name, x1, finite=False)
         if x1.ndim < 2:
             raise ValueError(f"{name} must be batched with shape (batch, ...), got shape {tuple(x1.shape)}")
@@ -390,15 +393,19 @@ class CondOTPath(AffinePath):
         self.sigma_min = _checks.number("sigma_min", sigma_min, lo=0.0, hi=1.0, hi_open=True)
 
     def alpha(self, t):
+        r""":math:`\alpha_t = t`."""
         return t
 
     def sigma(self, t):
+        r""":math:`\sigma_t = 1 - (1 - \sigma_{\min}) t`."""
         return 1.0 - (1.0 - self.sigma_min) * t
 
     def d_alpha(self, t):
+        r""":math:`\dot\alpha_t = 1`."""
         return torch.ones_like(t)
 
     def d_sigma(self, t):
+        r""":math:`\dot\sigma_t = -(1 - \sigma_{\min})`."""
         return torch.full_like(t, -(1.0 - self.sigma_min))
 
     def _sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
@@ -422,15 +429,19 @@ class VEPath(AffinePath):
         self.sigma_max = _checks.number("sigma_max", sigma_max, lo=self.sigma_min, lo_open=True)
 
     def alpha(self, t):
+        r""":math:`\alpha_t = 1`."""
         return torch.ones_like(t)
 
     def sigma(self, t):
+        r""":math:`\sigma_t = \sigma_{\min} (\sigma_{\max}/\sigma_{\min})^{1-t}`."""
         return self.sigma_min * (self.sigma_max / self.sigma_min) ** (1.0 - t)
 
     def d_alpha(self, t):
+        r""":math:`\dot\alpha_t = 0`."""
         return torch.zeros_like(t)
 
     def d_sigma(self, t):
+        r""":math:`\dot\sigma_t = -\log(\sigma_{\max}/\sigma_{\min})\, \sigma_t`."""
         return -math.log(self.sigma_max / self.sigma_min) * self.sigma(t)
 
 
@@ -456,19 +467,24 @@ class VPPath(AffinePath):
         return self.beta_min + (self.beta_max - self.beta_min) * s
 
     def alpha(self, t):
+        r""":math:`\alpha_t = e^{-T(1-t)/2}` with :math:`T(s) = \beta_{\min} s + \tfrac12(\beta_{\max} - \beta_{\min}) s^2`."""
         return torch.exp(-0.5 * self._T(1.0 - t))
 
     def sigma(self, t):
+        r""":math:`\sigma_t = \sqrt{1 - \alpha_t^2}`."""
         return torch.sqrt(-torch.expm1(-self._T(1.0 - t)))
 
     def d_alpha(self, t):
+        r""":math:`\dot\alpha_t = \tfrac12 \beta(1 - t)\, \alpha_t`."""
         return 0.5 * self._beta(1.0 - t) * self.alpha(t)
 
     def d_sigma(self, t):
+        r""":math:`\dot\sigma_t = -\alpha_t\dot\alpha_t/\sigma_t` (infinite at ``t = 1``, hence ``t_max < 1``)."""
         a = self.alpha(t)
         return -a * self.d_alpha(t) / self.sigma(t)
 
     def sigma_d_sigma(self, t):
+        r""":math:`\sigma_t\dot\sigma_t = -\alpha_t\dot\alpha_t`, finite at ``t = 1``."""
         # sigma^2 = 1 - alpha^2, so sigma * d_sigma = -alpha * d_alpha: finite at t = 1
         return -self.alpha(t) * self.d_alpha(t)
 
@@ -479,15 +495,19 @@ class CosinePath(AffinePath):
     name = "cosine"
 
     def alpha(self, t):
+        r""":math:`\alpha_t = \sin(\pi t/2)`."""
         return torch.sin(0.5 * math.pi * t)
 
     def sigma(self, t):
+        r""":math:`\sigma_t = \cos(\pi t/2)`."""
         return torch.cos(0.5 * math.pi * t)
 
     def d_alpha(self, t):
+        r""":math:`\dot\alpha_t = \tfrac\pi2 \cos(\pi t/2)`."""
         return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
 
     def d_sigma(self, t):
+        r""":math:`\dot\sigma_t = -\tfrac\pi2 \sin(\pi t/2)`."""
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
 
@@ -651,18 +671,23 @@ class PredictionPath(ProbabilityPath):
 
     # what training needs: the wrapped path's, except the loss
     def draw_x0(self, x1, generator=None):
+        """The wrapped path's noise."""
         return self.path.draw_x0(x1, generator)
 
     def coupling_source(self, x0):
+        """The wrapped path's source points."""
         return self.path.coupling_source(x0)
 
     def draw_t(self, n, sampler, generator, device, dtype):
+        """The wrapped path's training times."""
         return self.path.draw_t(n, sampler, generator, device, dtype)
 
     def check_data(self, name, x1):
+        """The wrapped path's data check."""
         self.path.check_data(name, x1)
 
     def check_batch(self, x0, x1, t, model=None):
+        """The wrapped path's batch checks; returns ``t`` as a ``(batch,)`` tensor."""
         return self.path.check_batch(x0, x1, t, model)
 
     def loss(self, model, x0, x1, t, y=None, weight=None) -> torch.Tensor:
@@ -728,5 +753,6 @@ class PredictedVelocity(torch.nn.Module):
         self.num_classes = getattr(model, "num_classes", None)
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity :math:`v(x, t)` converted from the wrapped model's prediction."""
         pred = self.model(x, t) if y is None else self.model(x, t, y)
         return self.prediction.to_velocity(pred, x, t)

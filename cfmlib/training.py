@@ -429,6 +429,7 @@ class LossMonitor:
         self.bar = tqdm(total=steps, initial=start, desc=desc, leave=False, mininterval=0.5) if progress else None
 
     def record(self, step: int, loss: torch.Tensor) -> None:
+        """Store the loss of ``step`` (0-based), check for NaN/inf when due and update the progress bar."""
         self.history[step] = loss
         done = step + 1
         if done - self.checked >= self.check_every or done == self.steps:
@@ -438,6 +439,7 @@ class LossMonitor:
             self.bar.set_postfix(loss=f"{float(self.history[step]):.3f}")
 
     def check(self, upto: int) -> None:
+        """Check every loss recorded before ``upto`` now; raise :class:`~cfmlib.errors.NonFiniteLossError` at the first bad one."""
         lo, self.checked = self.checked, upto
         window = self.history[lo:upto]
         if self.reduce is not None:  # a NaN on any process stops every process at the same step
@@ -450,6 +452,7 @@ class LossMonitor:
                                      f"training stopped. {self.hint}".rstrip())
 
     def close(self) -> None:
+        """Close the progress bar."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
