@@ -152,20 +152,7 @@ class FlowMapUNet(UNet):
         c = self.time_scale
         e = self.time_mlp(sinusoidal_embedding(c * r, self.time_features)) \
             + self.gap_mlp(sinusoidal_embedding(c * (t - r), self.time_features))
-        if self.label is None:
-            if y is not None:
-                raise ValueError("y was given but the model was built without num_classes")
-        else:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            elif not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
-                raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},), got {_checks.describe(y)}")
-            e = e + self.label(y)
-        # the U-Net's body (cfmlib.models.UNet.forward) with the two-time embedding
-        h0 = self.down1(self.conv_in(x), e)
-        h = self.mid2(self.mid1(self.downsample(h0), e), e)
-        h = self.up1(torch.cat([self.upsample(h), h0], dim=1), e)
-        return self.head(h)
+        return self._body(x, e, y)  # the U-Net's body (cfmlib.models.UNet) with the two-time embedding
 
 
 MODELS["flowmap_mlp"] = FlowMapMLP

@@ -217,7 +217,10 @@ class UNet(nn.Module):
             raise ValueError(f"x must have shape (batch, {', '.join(map(str, self.image_shape))}), "
                              f"got {tuple(x.shape)}")
         t = time_as_batch(t, x)
-        e = self.time_mlp(sinusoidal_embedding(t, self.time_features))
+        return self._body(x, self.time_mlp(sinusoidal_embedding(t, self.time_features)), y)
+
+    def _body(self, x: torch.Tensor, e: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The network after the time embedding ``e``: adds the label's embedding, then down, middle and up."""
         if self.label is None:
             if y is not None:
                 raise ValueError("y was given but the model was built without num_classes")
