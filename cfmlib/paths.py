@@ -35,6 +35,18 @@ def _bc(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+
+def _mean_squared_error(out: torch.Tensor, goal: torch.Tensor, xt: torch.Tensor, weight, what: str) -> torch.Tensor:
+    """The mean over the batch of ``weight * |out - goal|^2`` (summed over coordinates), in at least
+    float32; a shape mismatch is an error (free to check, and a broadcast would train on a wrong loss)."""
+    if out.shape != goal.shape:
+        raise ValueError(f"the model returned shape {tuple(out.shape)} for inputs of shape {tuple(xt.shape)}; {what}")
+    dt = torch.promote_types(torch.promote_types(out.dtype, goal.dtype), torch.float32)
+    err = (out.to(dt) - goal.to(dt)).pow(2).flatten(1).sum(1)
+    if weight is not None:
+        err = err * weight.to(dt)
+    return err.mean()
+
 class ProbabilityPath:
     r"""What :func:`cfmlib.training.train` needs from a path: the path decides the loss.
 
@@ -190,14 +202,8 @@ class AffinePath(ProbabilityPath):
         """
         xt, ut = self._sample(x0, x1, t)
         v = model(xt, t) if y is None else model(xt, t, y)
-        if v.shape != ut.shape:  # free to check, and a broadcast here would train on a wrong loss
-            raise ValueError(f"the model returned shape {tuple(v.shape)} for inputs of shape {tuple(xt.shape)}; "
-                             f"a field must return one velocity per input coordinate (the data's shape)")
-        dt = torch.promote_types(torch.promote_types(v.dtype, ut.dtype), torch.float32)
-        err = (v.to(dt) - ut.to(dt)).pow(2).flatten(1).sum(1)
-        if weight is not None:
-            err = err * weight.to(dt)
-        return err.mean()
+        return _mean_squared_error(v, ut, xt, weight, "a field must return one velocity per input coordinate "
+                                                      "(the data's shape)")
 
     # --- checks ----------------------------------------------------------------
     def _pair(self, x0, x1, t, hi: float = 1.0, why: str = ""):
@@ -698,14 +704,8 @@ class PredictionPath(ProbabilityPath):
         xt = _bc(self.path.alpha(t), x1) * x1 + _bc(self.path.sigma(t), x0) * x0
         out = model(xt, t) if y is None else model(xt, t, y)
         goal = x1 if self.target == "x1" else x0
-        if out.shape != goal.shape:
-            raise ValueError(f"the model returned shape {tuple(out.shape)} for inputs of shape {tuple(xt.shape)}; "
-                             f"a {self.target} predictor must return one value per input coordinate")
-        dt = torch.promote_types(torch.promote_types(out.dtype, goal.dtype), torch.float32)
-        err = (out.to(dt) - goal.to(dt)).pow(2).flatten(1).sum(1)
-        if weight is not None:
-            err = err * weight.to(dt)
-        return err.mean()
+        return _mean_squared_error(out, goal, xt, weight,
+                                   f"a {self.target} predictor must return one value per input coordinate")
 
     def velocity_weight(self, t) -> torch.Tensor:
         r"""The weight :math:`w_t` with which this loss is the velocity loss: ``1``, :math:`\sigma_t^2/D_t^2`

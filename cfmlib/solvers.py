@@ -104,12 +104,22 @@ def integrate(f, x, t0: float, t1: float, *, method: str = "euler", steps: int =
     # Adaptive steps must never leave [t0, t1]: torchdiffeq would otherwise step past t1 and
     # interpolate back, evaluating the field where it may be undefined (or, for a network, where it
     # was never trained).  `step_t=[t1]` makes the step that would cross t1 end exactly on it.  The
-    # only other evaluation outside is the probe of the initial step-size heuristic (a guess of the
-    # step size, not part of the solution); clamping its time keeps the field inside the interval.
+    # only other evaluation outside is the probe of the initial step-size heuristic (the second
+    # evaluation: a guess of the step size, not part of the solution); clamping its time keeps the
+    # field inside the interval.  Any other time outside is a bug here, not a silent extrapolation.
     lo, hi = min(t0, t1), max(t0, t1)
+    slack = 1e-9 * max(1.0, hi - lo)
+
+    def inside(t, state):
+        tc = t.clamp(lo, hi)
+        if nfe != 1 and float((t - tc).abs()) > slack:
+            raise RuntimeError(f"cfmlib: the adaptive solver asked for the field at t = {float(t):.6g}, outside "
+                               f"[{lo:.6g}, {hi:.6g}]; this is a bug in cfmlib, please report it")
+        return counted(tc, state)
+
     grid = (torch.linspace(t0, t1, steps + 1, dtype=ref.dtype, device=ref.device) if trajectory
             else torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device))
-    out = torchdiffeq.odeint(lambda t, state: counted(t.clamp(lo, hi), state), x, grid, method=method,
+    out = torchdiffeq.odeint(inside, x, grid, method=method,
                              atol=atol, rtol=rtol, options=dict(step_t=torch.tensor([t1], dtype=torch.float64)))
     last = tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
     return Solution(last, nfe, out if trajectory else None, grid if trajectory else None)
