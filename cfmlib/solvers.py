@@ -108,7 +108,8 @@ def integrate(f, x, t0: float, t1: float, *, method: str = "euler", steps: int =
     # evaluation: a guess of the step size, not part of the solution); clamping its time keeps the
     # field inside the interval.  Any other time outside is a bug here, not a silent extrapolation.
     lo, hi = min(t0, t1), max(t0, t1)
-    slack = 1e-9 * max(1.0, hi - lo)
+    # the grid's end points are t0 and t1 rounded to the state's precision: that much is not "outside"
+    slack = 4 * torch.finfo(ref.dtype).eps * max(1.0, abs(t0), abs(t1))
 
     def inside(t, state):
         tc = t.clamp(lo, hi)
@@ -119,8 +120,11 @@ def integrate(f, x, t0: float, t1: float, *, method: str = "euler", steps: int =
 
     grid = (torch.linspace(t0, t1, steps + 1, dtype=ref.dtype, device=ref.device) if trajectory
             else torch.tensor([t0, t1], dtype=ref.dtype, device=ref.device))
-    out = torchdiffeq.odeint(inside, x, grid, method=method,
-                             atol=atol, rtol=rtol, options=dict(step_t=torch.tensor([t1], dtype=torch.float64)))
+    # step_t is the grid's own end point (t1 rounded as the grid rounds it): with t1 itself, a t1 that
+    # the grid's precision rounds upwards (0.999 in float32) would be reached one step too early and
+    # the next, unconfined step would overshoot.
+    out = torchdiffeq.odeint(inside, x, grid, method=method, atol=atol, rtol=rtol,
+                             options=dict(step_t=grid[-1:].detach().to("cpu", torch.float64)))
     last = tuple(o[-1] for o in out) if isinstance(out, tuple) else out[-1]
     return Solution(last, nfe, out if trajectory else None, grid if trajectory else None)
 

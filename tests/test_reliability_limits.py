@@ -52,6 +52,22 @@ def test_every_solve_stays_inside_its_interval(method, t0, t1):
     assert max(s[1] for s in field.seen) == pytest.approx(max(t0, t1), abs=1e-12)
 
 
+@pytest.mark.parametrize("method", solvers.ADAPTIVE_METHODS)
+@pytest.mark.parametrize("t0, t1", [(0.0, 0.999), (0.999, 0.0), (0.2, 0.7), (0.0, 1.0)])
+def test_float32_solves_stay_inside_ends_that_float32_rounds(method, t0, t1):
+    """0.999 and 0.7 round upwards in float32: the solve must still end on the grid's end point, not
+    reach t1 a hair early and overshoot with one more, unconfined step (cfmlib raises if it does)."""
+    torch.manual_seed(0)
+    net = models.MLP(dim=2, hidden=32, depth=2)
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731 - the times the float32 field sees
+    field = Refuses(net, f32(min(t0, t1)), f32(max(t0, t1)))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    sol = solvers.odeint(field, x, t0, t1, method=method, atol=1e-5, rtol=1e-5, trajectory=True, steps=4)
+    reference = solvers.odeint(net, x, t0, t1, method="rk4", steps=400).x
+    assert float((sol.x - reference).abs().max()) < 1e-2
+    assert sol.trajectory.shape[0] == 5
+
+
 def test_log_prob_with_dopri5_never_leaves_zero_to_one_and_is_exact():
     q = _mixture()
     marginal = analytic.Marginal(q, "condot")

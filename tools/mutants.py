@@ -105,12 +105,12 @@ MUTANTS = [
            'return torch.einsum("ibj->b", jac_rows.reshape(d, x.shape[0], d))',
            "the exact divergence sums every Jacobian entry instead of the diagonal"),
     Mutant("adaptive-overshoot", "solvers.py",
-           "out = torchdiffeq.odeint(inside, x, grid, method=method,\n"
-           "                             atol=atol, rtol=rtol, options=dict(step_t=torch.tensor([t1], dtype=torch.float64)))",
+           "out = torchdiffeq.odeint(inside, x, grid, method=method, atol=atol, rtol=rtol,\n"
+           "                             options=dict(step_t=grid[-1:].detach().to(\"cpu\", torch.float64)))",
            "out = torchdiffeq.odeint(counted, x, grid, method=method, atol=atol, rtol=rtol)",
            "adaptive solves step past the end time and evaluate the field outside [t0, t1]"),
     Mutant("adaptive-clamp-only", "solvers.py",
-           "atol=atol, rtol=rtol, options=dict(step_t=torch.tensor([t1], dtype=torch.float64)))",
+           "atol=atol, rtol=rtol,\n                             options=dict(step_t=grid[-1:].detach().to(\"cpu\", torch.float64)))",
            "atol=atol, rtol=rtol)",
            "adaptive solves step past the end time (the clamp would hide it from the field)"),
     Mutant("band-same-draw", "metrics.py",
