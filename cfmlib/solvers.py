@@ -113,7 +113,7 @@ def integrate(f, x, t0: float, t1: float, *, method: str = "euler", steps: int =
 
     def inside(t, state):
         tc = t.clamp(lo, hi)
-        if nfe != 1 and float((t - tc).abs()) > slack:
+        if nfe != 1 and float((t - tc).detach().abs()) > slack:
             raise RuntimeError(f"cfmlib: the adaptive solver asked for the field at t = {float(t):.6g}, outside "
                                f"[{lo:.6g}, {hi:.6g}]; this is a bug in cfmlib, please report it")
         return counted(tc, state)
