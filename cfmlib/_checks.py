@@ -122,6 +122,13 @@ def positive_int(name: str, n) -> int:
     return n
 
 
+def time_features(name: str, n) -> int:
+    """0 (the network sees the raw time) or a positive even number of sinusoidal time features."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n % 2:
+        raise ValueError(f"{name} must be 0 (raw t) or a positive even int, got {n!r}")
+    return n
+
+
 def number(name: str, x, *, lo: float | None = None, hi: float | None = None,
            lo_open: bool = False, hi_open: bool = False) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):

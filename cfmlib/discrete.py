@@ -469,9 +469,7 @@ class TokenMLP(nn.Module):
         _checks.positive_int("vocab_size", vocab_size)
         _checks.positive_int("hidden", hidden)
         _checks.positive_int("depth", depth)
-        if isinstance(time_features, bool) or not isinstance(time_features, int) or time_features < 0 \
-                or time_features % 2:
-            raise ValueError(f"time_features must be 0 (raw t) or a positive even int, got {time_features!r}")
+        _checks.time_features("time_features", time_features)
         if not isinstance(mask, bool):
             raise TypeError(f"mask must be True or False, got {_checks.describe(mask)}")
         self.data_shape, length, num_states = tuple(shape), math.prod(shape), vocab_size + int(mask)

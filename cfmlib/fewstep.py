@@ -54,13 +54,6 @@ def _two_times(r, t, x):
     return time_as_batch(r, x), time_as_batch(t, x)
 
 
-def _time_features(name, time_features):
-    if isinstance(time_features, bool) or not isinstance(time_features, int) or time_features < 0 \
-            or time_features % 2:
-        raise ValueError(f"{name} must be 0 (raw times) or a positive even int, got {time_features!r}")
-    return time_features
-
-
 class FlowMapMLP(nn.Module):
     r"""A multilayer perceptron :math:`\bar u_\theta(x, r, t)` for low-dimensional data: the average
     velocity of a jump from time ``r`` to time ``t`` (chapter 14).
@@ -80,7 +73,7 @@ class FlowMapMLP(nn.Module):
         _checks.positive_int("dim", dim)
         _checks.positive_int("hidden", hidden)
         _checks.positive_int("depth", depth)
-        _time_features("time_features", time_features)
+        _checks.time_features("time_features", time_features)
         if num_classes is not None:
             _checks.positive_int("num_classes", num_classes)
         self.time_scale = _checks.number("time_scale", time_scale, lo=0.0, lo_open=True)

@@ -501,9 +501,7 @@ class TangentMLP(nn.Module):
         m = get_manifold(manifold, coord_dim=dim)
         _checks.positive_int("hidden", hidden)
         _checks.positive_int("depth", depth)
-        if isinstance(time_features, bool) or not isinstance(time_features, int) or time_features < 0 \
-                or time_features % 2:
-            raise ValueError(f"time_features must be 0 (raw t) or a positive even int, got {time_features!r}")
+        _checks.time_features("time_features", time_features)
         self.manifold, self.dim, self.time_features, self.num_classes = m, m.coord_dim, time_features, None
         self.config = dict(kind="tangent_mlp", manifold=m.name, dim=m.coord_dim, hidden=hidden, depth=depth,
                            time_features=time_features)

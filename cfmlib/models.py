@@ -60,9 +60,7 @@ class MLP(nn.Module):
         _checks.positive_int("dim", dim)
         _checks.positive_int("hidden", hidden)
         _checks.positive_int("depth", depth)
-        if isinstance(time_features, bool) or not isinstance(time_features, int) or time_features < 0 \
-                or time_features % 2:
-            raise ValueError(f"time_features must be 0 (raw t) or a positive even int, got {time_features!r}")
+        _checks.time_features("time_features", time_features)
         if num_classes is not None:
             _checks.positive_int("num_classes", num_classes)
         self.config = dict(kind="mlp", dim=dim, hidden=hidden, depth=depth, time_features=time_features,
