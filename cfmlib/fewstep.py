@@ -34,10 +34,9 @@ from torch import nn
 from torch.func import jvp
 
 from . import _checks
-from .device import get_device
-from .models import MODELS, UNet, data_shape, sinusoidal_embedding, time_as_batch
+from .models import MODELS, UNet, sinusoidal_embedding, time_as_batch
 from .paths import AffinePath, ProbabilityPath, get_path
-from .solvers import Solution
+from .solvers import Solution, source_points
 
 __all__ = ["FlowMapMLP", "FlowMapUNet", "GaussianFlowMap", "flow_map", "average_velocity", "meanflow_residual",
            "MeanFlowPath", "ShortcutPath", "ConsistencyPath", "grid_times", "sample"]
@@ -615,21 +614,7 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, steps
         times = [float(_checks.number("times", s, lo=0.0, hi=path.t_max)) for s in times]
         if len(times) < 2 or times[0] != 0.0 or any(b <= a for a, b in zip(times, times[1:])):
             raise ValueError(f"times must rise strictly from 0 and hold at least two entries, got {times}")
-    if x0 is None:
-        if n is None:
-            raise ValueError("pass either n (the number of samples) or x0 (the starting noise)")
-        _checks.positive_int("n", n)
-        shape = data_shape(model)
-        dev = get_device(device) if device is not None else next(model.parameters()).device
-        param = next((q for q in model.parameters() if q.is_floating_point()), None) \
-            if isinstance(model, nn.Module) else None
-        gen_dev = generator.device if generator is not None else dev
-        x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev,
-                                dtype=param.dtype if param is not None else None).to(dev)
-    else:
-        _checks.tensor("x0", x0)
-        if n is not None and n != x0.shape[0]:
-            raise ValueError(f"n={n} disagrees with x0's batch size {x0.shape[0]}; pass one of them")
+    x0 = source_points(model, path, n, x0, generator=generator, device=device)
     _checks.module_device("model", model, x0=x0)
     _checks.module_dtype("model", model, x0=x0)
     x, states, end = x0, [x0], times[-1]

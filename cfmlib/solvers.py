@@ -22,7 +22,7 @@ from .device import get_device
 from .models import data_shape
 from .paths import gaussian_path, get_path
 
-__all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "sdeint",
+__all__ = ["FIXED_METHODS", "ADAPTIVE_METHODS", "METHODS", "Solution", "odeint", "sample", "source_points", "sdeint",
            "GRID_METHODS", "GRIDS", "time_grid", "odeint_grid", "exponential_integrator"]
 
 #: Fixed-step methods, run in cfmlib's own loop.
@@ -176,6 +176,29 @@ def odeint(v, x: torch.Tensor, t0: float = 0.0, t1: float = 1.0, *, method: str 
     return integrate(f, x, t0, t1, method=method, steps=steps, atol=atol, rtol=rtol, trajectory=trajectory)
 
 
+def source_points(model, path, n: int | None = None, x0: torch.Tensor | None = None, *,
+                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """The starting noise of a sample (chapters 7 and 14): ``x0`` itself when given (its batch size
+    must agree with ``n`` if both are given), else ``n`` draws from ``path``'s source in the model's
+    data shape and floating-point precision, drawn with ``generator`` (on its device) and moved to
+    ``device`` (default: the model's device)."""
+    if x0 is not None:
+        _checks.tensor("x0", x0)
+        if n is not None and n != x0.shape[0]:
+            raise ValueError(f"n={n} disagrees with x0's batch size {x0.shape[0]}; pass one of them")
+        return x0
+    if n is None:
+        raise ValueError("pass either n (the number of samples) or x0 (the starting noise)")
+    _checks.positive_int("n", n)
+    shape = data_shape(model)
+    dev = get_device(device) if device is not None else next(model.parameters()).device
+    gen_dev = generator.device if generator is not None else dev
+    param = next((q for q in model.parameters() if q.is_floating_point()), None) \
+        if isinstance(model, torch.nn.Module) else None
+    dtype = param.dtype if param is not None else None  # noise in the model's precision
+    return path.sample_source((n, *shape), generator=generator, device=gen_dev, dtype=dtype).to(dev)
+
+
 @torch.no_grad()
 def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=None, method: str = "euler",
            steps: int = 100, atol: float = 1e-5, rtol: float = 1e-5, trajectory: bool = False,
@@ -189,19 +212,7 @@ def sample(model, n: int | None = None, *, x0: torch.Tensor | None = None, path=
     _checks.function("model", model)
     _checks.generator("generator", generator)
     path = gaussian_path("condot" if path is None else path, "cfmlib.solvers.sample")
-    if x0 is None:
-        if n is None:
-            raise ValueError("pass either n (the number of samples) or x0 (the starting noise)")
-        _checks.positive_int("n", n)
-        shape = data_shape(model)
-        dev = get_device(device) if device is not None else next(model.parameters()).device
-        gen_dev = generator.device if generator is not None else dev
-        param = next((q for q in model.parameters() if q.is_floating_point()), None) \
-            if isinstance(model, torch.nn.Module) else None
-        dtype = param.dtype if param is not None else None  # noise in the model's precision
-        x0 = path.sample_source((n, *shape), generator=generator, device=gen_dev, dtype=dtype).to(dev)
-    elif n is not None and n != x0.shape[0]:
-        raise ValueError(f"n={n} disagrees with x0's batch size {x0.shape[0]}; pass one of them")
+    x0 = source_points(model, path, n, x0, generator=generator, device=device)
     return odeint(model, x0, 0.0, path.t_max, method=method, steps=steps, atol=atol, rtol=rtol,
                   trajectory=trajectory, **kwargs)
 
